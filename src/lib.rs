@@ -1,0 +1,33 @@
+//! strata: container images converted on the fly, streaming end to end.
+//!
+//! The modules follow the data path of one conversion:
+//!
+//! - [`reference`]: image names as users write them, canonicalised with docker's rules.
+//! - [`digest`]: content digests, and readers that verify them while the bytes stream.
+//! - [`registry`]: the distribution v2 client (manifests, blobs, token and basic auth).
+//! - [`oci_layout`]: a local OCI image layout as an image source, for use without a registry.
+//! - [`source`]: what the conversion needs from either source.
+//! - [`manifest`]: manifests and indexes, platform choice, the image config.
+//! - [`layer`]: a layer blob's bytes, decompressed (gzip, zstd, none).
+//! - [`entry`]: one tar entry's metadata, read from a layer and written back canonically.
+//! - [`merge`]: the top-down layer merger (whiteouts, opaque dirs, hardlinks).
+//! - [`summary`]: per-layer entry listings, remembered on disk, that size the merged layer exactly.
+//! - [`format`]: output formats (the docker-load archive).
+//! - [`convert`]: one conversion from request to byte stream, the sync/async boundary.
+//! - [`server`]: the HTTP front: routes, errors as JSON, streaming bodies.
+//! - [`cli`]: command-line flags turned into a validated configuration.
+
+pub mod cli;
+pub mod convert;
+pub mod digest;
+pub mod entry;
+pub mod format;
+pub mod layer;
+pub mod manifest;
+pub mod merge;
+pub mod oci_layout;
+pub mod reference;
+pub mod registry;
+pub mod server;
+pub mod source;
+pub mod summary;
