@@ -16,6 +16,7 @@
 //! - [`convert`]: one conversion from request to byte stream, the sync/async boundary.
 //! - [`server`]: the HTTP front: routes, errors as JSON, streaming bodies.
 //! - [`cli`]: command-line flags turned into a validated configuration.
+//! - [`sample`]: a generated sample image as an OCI layout, to try strata offline.
 
 pub mod cli;
 pub mod convert;
@@ -28,6 +29,7 @@ pub mod merge;
 pub mod oci_layout;
 pub mod reference;
 pub mod registry;
+pub mod sample;
 pub mod server;
 pub mod source;
 pub mod summary;
