@@ -5,14 +5,30 @@
 //! Everything that can fail before the first byte happens in [`Converter::prepare`]; after that, a failure
 //! ends the stream with an error, which the server turns into an aborted connection.
 
+use std::io::{self, BufReader, Write};
+use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::Arc;
 
-use bytes::Bytes;
-use futures::Stream;
+use bytes::{Bytes, BytesMut};
+use futures::{Stream, StreamExt, TryStreamExt};
+use sha2::{Digest as _, Sha256};
+use tokio::runtime::Handle;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::io::{StreamReader, SyncIoBridge};
 
-use crate::manifest::Platform;
+use crate::digest::Digest;
+use crate::entry::{self, Item};
+use crate::format::docker_archive::{DockerArchive, LayerWriter, SizeExceeded};
+use crate::layer;
+use crate::manifest::{self, Platform, ResolvedImage};
+use crate::merge::{merge_tar, LayerHints, MergeError, Merger, TarSink};
+use crate::oci_layout::OciLayout;
 use crate::reference::Reference;
-use crate::registry::Credentials;
+use crate::registry::{self, Credentials};
+use crate::source::{Source, SourceError};
+use crate::summary::{self, Store};
 
 /// What a caller asks for.
 #[derive(Debug, Clone)]
@@ -88,5 +104,358 @@ impl Error {
             Error::Overloaded => "OVERLOADED",
             Error::Internal(_) => "INTERNAL",
         }
+    }
+}
+
+/// Settings a [`Converter`] needs, validated by the CLI.
+#[derive(Debug, Clone)]
+pub struct ConverterConfig {
+    /// Registry for references that name none (`docker.io`).
+    pub default_registry: String,
+    /// Registries reached over plain HTTP.
+    pub insecure_registries: Vec<String>,
+    /// Registries besides the default (and the insecure ones) that may be fetched from.
+    pub allowed_registries: Vec<String>,
+    /// Where sizes and layer summaries are remembered across conversions; `None` keeps nothing.
+    pub cache_dir: Option<PathBuf>,
+    /// Serve images from this OCI image layout instead of registries.
+    pub oci_layout: Option<PathBuf>,
+}
+
+/// Output bytes buffered per chunk sent to the body: large enough to amortise the channel, small
+/// enough that the chunks in flight stay a few MiB.
+const CHUNK: usize = 256 * 1024;
+/// Chunks queued between the merge thread and the response: bounds memory per conversion and lets
+/// a slow client push back on the merge, and the merge on the registry.
+const CHANNEL_DEPTH: usize = 8;
+/// Read buffer in front of each layer's decompressor.
+const READ_BUF: usize = 256 * 1024;
+/// Bump when the output bytes change for the same input, so ETags and layer ids change with them.
+const OUTPUT_VERSION: &str = "strata-squash-v1";
+
+/// Shared by all requests of a server (or the one request of the CLI).
+pub struct Converter {
+    config: ConverterConfig,
+    source: Source,
+    store: Store,
+}
+
+impl Converter {
+    pub fn new(config: ConverterConfig) -> Result<Self, Error> {
+        let source = match &config.oci_layout {
+            Some(dir) => {
+                Source::Layout(Arc::new(OciLayout::open(dir).map_err(|e| {
+                    Error::Internal(format!("OCI layout {}: {e}", dir.display()))
+                })?))
+            }
+            None => Source::Registry(Arc::new(registry::Client::new(registry::ClientConfig {
+                insecure: config.insecure_registries.clone(),
+                ..Default::default()
+            }))),
+        };
+        let store = Store::new(config.cache_dir.clone());
+        Ok(Converter {
+            config,
+            source,
+            store,
+        })
+    }
+
+    /// Parses a reference the way requests name images (default registry, `library/`, `latest`).
+    pub fn parse_reference(&self, s: &str) -> Result<Reference, Error> {
+        Reference::parse(s, &self.config.default_registry)
+            .map_err(|e| Error::BadRequest(e.to_string()))
+    }
+
+    /// A conversion service must not be a way to reach arbitrary hosts.
+    fn check_allowed(&self, reference: &Reference) -> Result<(), Error> {
+        if matches!(self.source, Source::Layout(_)) {
+            return Ok(());
+        }
+        let default = Reference::parse("x", &self.config.default_registry)
+            .map(|r| r.registry)
+            .ok();
+        let allowed = default.as_deref() == Some(reference.registry.as_str())
+            || self
+                .config
+                .insecure_registries
+                .iter()
+                .chain(&self.config.allowed_registries)
+                .any(|r| *r == reference.registry);
+        if allowed {
+            Ok(())
+        } else {
+            Err(Error::RegistryNotAllowed(reference.registry.clone()))
+        }
+    }
+
+    /// Resolves and sizes the image; the returned body streams the bytes.
+    pub async fn prepare(&self, request: SquashRequest) -> Result<Prepared, Error> {
+        let SquashRequest {
+            reference,
+            platform,
+            tag,
+            credentials,
+        } = request;
+        self.check_allowed(&reference)?;
+        let image = manifest::resolve(&self.source, &reference, &platform, &credentials)
+            .await
+            .map_err(source_error)?;
+
+        let summaries = self.summaries(&image, &credentials).await?;
+        let manifest_hex = image.manifest_digest.hex().to_string();
+        let store = self.store.clone();
+        let (layer_size, hints) = tokio::task::spawn_blocking(move || -> Result<_, Error> {
+            let refs: Vec<&[Item]> = summaries.iter().map(|s| &s[..]).collect();
+            let size = match store.load_size(&manifest_hex) {
+                Some(size) => size,
+                None => {
+                    let size = summary::merged_size(&refs)
+                        .map_err(|e| Error::InvalidImage(e.to_string()))?;
+                    store.save_size(&manifest_hex, size);
+                    size
+                }
+            };
+            let hints: Vec<LayerHints> = refs
+                .iter()
+                .map(|items| LayerHints::from_items(items))
+                .collect();
+            Ok((size, hints))
+        })
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))??;
+
+        let id = hex::encode(Sha256::digest(format!(
+            "{OUTPUT_VERSION}\n{}",
+            image.manifest_digest
+        )));
+        let repo_tag = match tag {
+            Some(t) => {
+                let parsed = self.parse_reference(&t)?;
+                if parsed.digest.is_some()
+                    || !t.contains(':')
+                    || t.rsplit(':').next().is_some_and(|s| s.contains('/'))
+                {
+                    return Err(Error::BadRequest(format!("tag {t:?} must be name:tag")));
+                }
+                Some(t)
+            }
+            None => reference.tag.as_ref().map(|_| reference.familiar()),
+        };
+        let etag = hex::encode(Sha256::digest(format!(
+            "{id}\n{}",
+            repo_tag.as_deref().unwrap_or("")
+        )));
+        let source = format!("{}@{}", reference.name(), image.manifest_digest);
+        let archive = DockerArchive::new(id, layer_size, image.config.clone(), repo_tag, source);
+        let content_length = archive.total_len();
+        tracing::info!(
+            image = %reference,
+            manifest = %image.manifest_digest,
+            layers = image.layers.len(),
+            layer_size,
+            content_length,
+            "prepared"
+        );
+
+        let job = Job {
+            source: self.source.clone(),
+            store: self.store.clone(),
+            reference,
+            credentials,
+            image,
+            hints,
+            archive,
+        };
+        Ok(Prepared {
+            content_length,
+            etag,
+            body: job.start(),
+        })
+    }
+
+    /// Each layer's summary, bottom first: remembered ones from disk, the others from a counting
+    /// pre-pass over the layer, run for several layers at once.
+    async fn summaries(
+        &self,
+        image: &ResolvedImage,
+        credentials: &Credentials,
+    ) -> Result<Vec<Vec<Item>>, Error> {
+        let parallel = std::thread::available_parallelism()
+            .map_or(2, |n| n.get())
+            .clamp(2, 8);
+        let scans = image.layers.iter().map(|layer| async move {
+            let hex = layer.digest.hex().to_string();
+            if let Some(items) = self.store.load_summary(&hex) {
+                return Ok(items);
+            }
+            let stream = self
+                .source
+                .blob(&image.reference, &layer.digest, layer.size, credentials)
+                .await
+                .map_err(source_error)?;
+            let compression = layer.compression;
+            let handle = Handle::current();
+            let digest = layer.digest.clone();
+            let items = tokio::task::spawn_blocking(move || {
+                let reader = SyncIoBridge::new_with_handle(StreamReader::new(stream), handle);
+                summary::scan(layer::decompress(
+                    compression,
+                    BufReader::with_capacity(READ_BUF, reader),
+                ))
+            })
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))?
+            .map_err(|e| layer_error(&digest, e))?;
+            self.store.save_summary(&hex, &items);
+            Ok::<_, Error>(items)
+        });
+        futures::stream::iter(scans)
+            .buffered(parallel)
+            .try_collect()
+            .await
+    }
+}
+
+fn source_error(e: SourceError) -> Error {
+    let message = e.to_string();
+    match e.status() {
+        400 => Error::BadRequest(message),
+        401 => Error::Unauthorized(message),
+        403 => Error::Denied(message),
+        404 => Error::NotFound(message),
+        _ => Error::Upstream(message),
+    }
+}
+
+/// A layer that cannot be read: bad bytes are the image's fault, anything else the upstream's.
+fn layer_error(digest: &Digest, e: MergeError) -> Error {
+    match e {
+        MergeError::Io(io) if io.kind() != io::ErrorKind::InvalidData => {
+            Error::Upstream(format!("layer {digest}: {io}"))
+        }
+        other => Error::InvalidImage(format!("layer {digest}: {other}")),
+    }
+}
+
+/// The streaming half of a conversion, run on a blocking thread.
+struct Job {
+    source: Source,
+    store: Store,
+    reference: Reference,
+    credentials: Credentials,
+    image: ResolvedImage,
+    hints: Vec<LayerHints>,
+    archive: DockerArchive,
+}
+
+impl Job {
+    fn start(self) -> ByteStream {
+        let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
+        let handle = Handle::current();
+        let span = tracing::info_span!("squash", image = %self.reference, manifest = %self.image.manifest_digest);
+        tokio::task::spawn_blocking(move || {
+            let _enter = span.enter();
+            let mut out = ChannelWriter {
+                tx: tx.clone(),
+                buf: BytesMut::with_capacity(CHUNK),
+            };
+            let result = self.run(&mut out, &handle).and_then(|()| out.flush());
+            if let Err(e) = result {
+                if e.get_ref().is_some_and(|inner| inner.is::<SizeExceeded>()) {
+                    let blobs: Vec<String> = self
+                        .image
+                        .layers
+                        .iter()
+                        .map(|l| l.digest.hex().to_string())
+                        .collect();
+                    let blobs: Vec<&str> = blobs.iter().map(String::as_str).collect();
+                    self.store.forget(self.image.manifest_digest.hex(), &blobs);
+                }
+                if e.kind() == io::ErrorKind::BrokenPipe {
+                    tracing::info!("client went away; conversion stopped");
+                } else {
+                    tracing::error!(error = %e, "conversion failed after the response started");
+                    let _ = tx.blocking_send(Err(e));
+                }
+            }
+        });
+        Box::pin(ReceiverStream::new(rx))
+    }
+
+    fn run(&self, out: &mut ChannelWriter, handle: &Handle) -> io::Result<()> {
+        self.archive.write_head(out)?;
+        let mut layer_out = LayerWriter::new(&mut *out, self.archive.layer_size());
+        let mut sink = TarSink(&mut layer_out);
+        let mut merger = Merger::new();
+        for (depth, (layer, hints)) in self.image.layers.iter().zip(&self.hints).rev().enumerate() {
+            let _span =
+                tracing::debug_span!("layer", digest = %layer.digest, size = layer.size).entered();
+            merger.begin_layer(depth as u32, hints.clone());
+            let stream = handle
+                .block_on(self.source.blob(
+                    &self.reference,
+                    &layer.digest,
+                    layer.size,
+                    &self.credentials,
+                ))
+                .map_err(|e| io::Error::other(format!("layer {}: {e}", layer.digest)))?;
+            let reader = SyncIoBridge::new_with_handle(StreamReader::new(stream), handle.clone());
+            let tar = layer::decompress(
+                layer.compression,
+                BufReader::with_capacity(READ_BUF, reader),
+            );
+            merge_tar(&mut merger, tar, &mut sink)
+                .map_err(|e| io::Error::from(layer_error_io(&layer.digest, e)))?;
+        }
+        merger.finish(&mut sink).map_err(io::Error::from)?;
+        entry::write_end(&mut sink.0)?;
+        let (_, diff_id) = layer_out.finish()?;
+        self.archive.write_tail(out, &diff_id)
+    }
+}
+
+fn layer_error_io(digest: &Digest, e: MergeError) -> io::Error {
+    match e {
+        MergeError::Io(io) => io::Error::new(io.kind(), format!("layer {digest}: {io}")),
+        other => io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("layer {digest}: {other}"),
+        ),
+    }
+}
+
+/// `Write` into the body channel, in [`CHUNK`]-sized pieces. A closed channel (the client went away)
+/// is a `BrokenPipe`, which stops the merge and with it the upstream fetches.
+struct ChannelWriter {
+    tx: mpsc::Sender<io::Result<Bytes>>,
+    buf: BytesMut,
+}
+
+impl ChannelWriter {
+    fn send(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = self.buf.split().freeze();
+        self.buf.reserve(CHUNK);
+        self.tx
+            .blocking_send(Ok(chunk))
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "client went away"))
+    }
+}
+
+impl Write for ChannelWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let n = data.len().min(CHUNK - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == CHUNK {
+            self.send()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.send()
     }
 }

@@ -1,4 +1,27 @@
-//! (in progress) manifests, indexes, platform choice.
+//! From a reference to an image: the manifest (following an index or manifest list to the platform
+//! asked for), its layers with their compression, and the image config, all verified by digest.
+
+use std::fmt;
+
+use futures::StreamExt;
+use oci_spec::image::{ImageIndex, ImageManifest};
+use serde_json::Value;
+
+use crate::digest::Digest;
+use crate::layer::Compression;
+use crate::reference::Reference;
+use crate::registry::{Credentials, RegistryError};
+use crate::source::{Source, SourceError};
+
+/// Largest image config read; real ones are a few KiB, large ones tens.
+const MAX_CONFIG: u64 = 8 << 20;
+/// Most layers an image may have (distribution's own limit is 128 in practice; docker's is 125+).
+pub const MAX_LAYERS: usize = 256;
+
+const INDEX_TYPES: [&str; 2] = [
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+];
 
 /// `os/arch[/variant]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -6,4 +29,293 @@ pub struct Platform {
     pub os: String,
     pub architecture: String,
     pub variant: Option<String>,
+}
+
+impl Default for Platform {
+    fn default() -> Self {
+        Platform {
+            os: "linux".into(),
+            architecture: "amd64".into(),
+            variant: None,
+        }
+    }
+}
+
+impl fmt::Display for Platform {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.os, self.architecture)?;
+        if let Some(v) = &self.variant {
+            write!(f, "/{v}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Architecture spellings normalised as containerd does.
+fn normalize_arch(arch: &str, variant: Option<&str>) -> (String, Option<String>) {
+    let arch = match arch {
+        "x86_64" | "x86-64" => "amd64",
+        "aarch64" => "arm64",
+        "armhf" | "armel" => "arm",
+        "i386" => "386",
+        other => other,
+    };
+    let variant = match (arch, variant) {
+        ("arm64", Some("8") | Some("v8")) | ("arm64", None) => Some("v8"),
+        ("arm", None) | ("arm", Some("7")) => Some("v7"),
+        ("arm", Some("6")) => Some("v6"),
+        (_, v) => v,
+    };
+    (arch.to_string(), variant.map(str::to_string))
+}
+
+impl Platform {
+    pub fn parse(s: &str) -> Result<Platform, String> {
+        let parts: Vec<&str> = s.split('/').collect();
+        let ok = |p: &str| {
+            !p.is_empty()
+                && p.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        };
+        match parts[..] {
+            [os, arch] if ok(os) && ok(arch) => Ok(Platform {
+                os: os.into(),
+                architecture: arch.into(),
+                variant: None,
+            }),
+            [os, arch, v] if ok(os) && ok(arch) && ok(v) => Ok(Platform {
+                os: os.into(),
+                architecture: arch.into(),
+                variant: Some(v.into()),
+            }),
+            _ => Err(format!(
+                "invalid platform {s:?}: expected os/arch[/variant]"
+            )),
+        }
+    }
+
+    /// Whether an image for `other` serves a request for `self`: os and architecture equal, and the
+    /// variant too when the request names one.
+    pub fn matches(&self, other: &Platform) -> bool {
+        let (a, av) = normalize_arch(&self.architecture, self.variant.as_deref());
+        let (b, bv) = normalize_arch(&other.architecture, other.variant.as_deref());
+        self.os == other.os && a == b && (self.variant.is_none() || av == bv)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LayerDescriptor {
+    pub digest: Digest,
+    pub size: u64,
+    pub compression: Compression,
+}
+
+/// An image ready to convert.
+#[derive(Debug, Clone)]
+pub struct ResolvedImage {
+    pub reference: Reference,
+    /// The image manifest chosen for the platform.
+    pub manifest_digest: Digest,
+    pub config_digest: Digest,
+    /// The image config, kept whole for re-serialisation.
+    pub config: Value,
+    /// Bottom layer first.
+    pub layers: Vec<LayerDescriptor>,
+    /// The platform the image's config declares.
+    pub platform: Platform,
+}
+
+fn invalid(reference: &Reference, what: impl fmt::Display) -> SourceError {
+    RegistryError::Invalid(format!("{reference}: {what}"))
+}
+
+fn digest_of(reference: &Reference, s: &str) -> Result<Digest, SourceError> {
+    Digest::parse(s).map_err(|e| invalid(reference, e))
+}
+
+/// Resolves `reference` for `platform`.
+pub async fn resolve(
+    source: &Source,
+    reference: &Reference,
+    platform: &Platform,
+    credentials: &Credentials,
+) -> Result<ResolvedImage, SourceError> {
+    let mut raw = source
+        .manifest(reference, &reference.manifest_ref(), credentials)
+        .await?;
+    let body: Value = serde_json::from_slice(&raw.bytes)
+        .map_err(|e| invalid(reference, format!("manifest is not JSON: {e}")))?;
+    if body.get("schemaVersion").and_then(Value::as_u64) == Some(1) {
+        return Err(invalid(reference, "schema1 manifests are deprecated and not supported; push the image again with a current client"));
+    }
+    let is_index = INDEX_TYPES.contains(&raw.media_type.as_str())
+        || body
+            .get("mediaType")
+            .and_then(Value::as_str)
+            .is_some_and(|m| INDEX_TYPES.contains(&m))
+        || (body.get("manifests").is_some() && body.get("layers").is_none());
+    if is_index {
+        let index: ImageIndex = serde_json::from_slice(&raw.bytes)
+            .map_err(|e| invalid(reference, format!("bad index: {e}")))?;
+        let mut available = Vec::new();
+        let mut chosen = None;
+        for m in index.manifests() {
+            let attestation = m
+                .annotations()
+                .as_ref()
+                .and_then(|a| a.get("vnd.docker.reference.type"))
+                .is_some_and(|t| t == "attestation-manifest");
+            let Some(p) = m.platform() else { continue };
+            let p = Platform {
+                os: p.os().to_string(),
+                architecture: p.architecture().to_string(),
+                variant: p.variant().clone(),
+            };
+            if attestation || p.os == "unknown" {
+                continue;
+            }
+            if chosen.is_none() && platform.matches(&p) {
+                chosen = Some((m.digest().to_string(), m.size()));
+            }
+            available.push(p.to_string());
+        }
+        let Some((digest, _)) = chosen else {
+            return Err(RegistryError::NotFound(format!(
+                "{reference}: no image for platform {platform}; available: {}",
+                if available.is_empty() {
+                    "none".to_string()
+                } else {
+                    available.join(", ")
+                }
+            )));
+        };
+        raw = source.manifest(reference, &digest, credentials).await?;
+    }
+    let manifest: ImageManifest = serde_json::from_slice(&raw.bytes)
+        .map_err(|e| invalid(reference, format!("bad image manifest: {e}")))?;
+    if manifest.layers().len() > MAX_LAYERS {
+        return Err(invalid(
+            reference,
+            format!(
+                "{} layers, more than the limit of {MAX_LAYERS}",
+                manifest.layers().len()
+            ),
+        ));
+    }
+    let mut layers = Vec::new();
+    for l in manifest.layers() {
+        let media_type = l.media_type().to_string();
+        let compression = Compression::from_media_type(&media_type).ok_or_else(|| {
+            invalid(
+                reference,
+                format!("unsupported layer media type {media_type:?}"),
+            )
+        })?;
+        layers.push(LayerDescriptor {
+            digest: digest_of(reference, &l.digest().to_string())?,
+            size: l.size(),
+            compression,
+        });
+    }
+    let config_digest = digest_of(reference, &manifest.config().digest().to_string())?;
+    let config_size = manifest.config().size();
+    if config_size > MAX_CONFIG {
+        return Err(invalid(
+            reference,
+            format!("config of {config_size} bytes, more than {MAX_CONFIG}"),
+        ));
+    }
+    let mut stream = source
+        .blob(reference, &config_digest, config_size, credentials)
+        .await?;
+    let mut bytes = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| {
+            if e.kind() == std::io::ErrorKind::InvalidData {
+                invalid(reference, format!("config blob: {e}"))
+            } else {
+                RegistryError::Upstream(format!("{reference}: config blob: {e}"))
+            }
+        })?;
+        bytes.extend_from_slice(&chunk);
+    }
+    let config: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| invalid(reference, format!("config is not JSON: {e}")))?;
+    if !config.is_object() {
+        return Err(invalid(reference, "config is not a JSON object"));
+    }
+    if let Some(diff_ids) = config.pointer("/rootfs/diff_ids").and_then(Value::as_array) {
+        if diff_ids.len() != layers.len() {
+            return Err(invalid(
+                reference,
+                format!(
+                    "config lists {} diff_ids for {} layers",
+                    diff_ids.len(),
+                    layers.len()
+                ),
+            ));
+        }
+    }
+    let image_platform = Platform {
+        os: config
+            .get("os")
+            .and_then(Value::as_str)
+            .unwrap_or("linux")
+            .to_string(),
+        architecture: config
+            .get("architecture")
+            .and_then(Value::as_str)
+            .unwrap_or("amd64")
+            .to_string(),
+        variant: config
+            .get("variant")
+            .and_then(Value::as_str)
+            .map(str::to_string),
+    };
+    if !is_index && !platform.matches(&image_platform) {
+        return Err(RegistryError::NotFound(format!(
+            "{reference}: image is {image_platform}, not {platform}"
+        )));
+    }
+    Ok(ResolvedImage {
+        reference: reference.clone(),
+        manifest_digest: raw.digest,
+        config_digest,
+        config,
+        layers,
+        platform: image_platform,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn platform_matching_table() {
+        let p = |s: &str| Platform::parse(s).unwrap();
+        let cases = [
+            ("linux/amd64", "linux/amd64", true),
+            ("linux/amd64", "linux/arm64", false),
+            ("linux/arm64", "linux/arm64/v8", true),
+            ("linux/arm64/v8", "linux/arm64", true),
+            ("linux/arm/v7", "linux/arm", true),
+            ("linux/arm/v6", "linux/arm/v7", false),
+            ("linux/arm", "linux/arm/v6", true),
+            ("linux/amd64", "windows/amd64", false),
+            ("linux/amd64", "linux/x86_64", true),
+        ];
+        for (want, have, ok) in cases {
+            assert_eq!(p(want).matches(&p(have)), ok, "{want} vs {have}");
+        }
+        for bad in [
+            "linux",
+            "linux/",
+            "/amd64",
+            "linux/amd64/v8/x",
+            "linux/am d64",
+        ] {
+            assert!(Platform::parse(bad).is_err(), "{bad}");
+        }
+    }
 }

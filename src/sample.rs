@@ -56,7 +56,9 @@ fn layer(entries: &[E]) -> io::Result<(Vec<u8>, String)> {
     write_end(&mut tar)?;
     let diff_id = format!("sha256:{}", hex::encode(Sha256::digest(&tar)));
     // A fixed header (no name, mtime 0) keeps the blob, and so the image digest, reproducible.
-    let mut gz: GzEncoder<Vec<u8>> = GzBuilder::new().mtime(0).write(Vec::new(), Compression::default());
+    let mut gz: GzEncoder<Vec<u8>> = GzBuilder::new()
+        .mtime(0)
+        .write(Vec::new(), Compression::default());
     gz.write_all(&tar)?;
     Ok((gz.finish()?, diff_id))
 }
@@ -88,7 +90,11 @@ pub fn write_layout(dir: &Path) -> io::Result<()> {
             E::File("etc/.wh.old.conf", ""),
             E::Link("usr/bin/tool-alias", "usr/bin/tool"),
         ])?,
-        layer(&[E::Dir("var/cache"), E::File("var/cache/.wh..wh..opq", ""), E::File("var/cache/fresh", "new\n")])?,
+        layer(&[
+            E::Dir("var/cache"),
+            E::File("var/cache/.wh..wh..opq", ""),
+            E::File("var/cache/fresh", "new\n"),
+        ])?,
     ];
     let mut layer_descs = Vec::new();
     let mut diff_ids = Vec::new();

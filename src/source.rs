@@ -1,1 +1,161 @@
-//! (in progress)
+//! Where images come from: a registry, or a local OCI image layout. Both hand out manifests as bytes
+//! and blobs as byte streams that check their own digest, size and liveness while they flow.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use futures::Stream;
+
+use crate::digest::{Digest, Verifier};
+use crate::oci_layout::OciLayout;
+use crate::reference::Reference;
+use crate::registry::{self, Credentials, RegistryError, IDLE_TIMEOUT};
+
+pub type SourceError = RegistryError;
+
+/// A blob's bytes; an error item ends it (bad digest or size, a stall, a broken connection).
+pub type BlobStream = Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send>>;
+
+/// A manifest as served, with the digest of exactly these bytes.
+#[derive(Debug, Clone)]
+pub struct RawManifest {
+    pub bytes: Bytes,
+    pub media_type: String,
+    pub digest: Digest,
+}
+
+#[derive(Clone)]
+pub enum Source {
+    Registry(Arc<registry::Client>),
+    Layout(Arc<OciLayout>),
+}
+
+impl Source {
+    pub async fn manifest(
+        &self,
+        reference: &Reference,
+        tag_or_digest: &str,
+        credentials: &Credentials,
+    ) -> Result<RawManifest, SourceError> {
+        match self {
+            Source::Registry(c) => c.manifest(reference, tag_or_digest, credentials).await,
+            Source::Layout(l) => l.manifest(reference, tag_or_digest).await,
+        }
+    }
+
+    pub async fn blob(
+        &self,
+        reference: &Reference,
+        digest: &Digest,
+        size: u64,
+        credentials: &Credentials,
+    ) -> Result<BlobStream, SourceError> {
+        match self {
+            Source::Registry(c) => c.blob(reference, digest, size, credentials).await,
+            Source::Layout(l) => l.blob(digest, size).await,
+        }
+    }
+}
+
+/// Wraps a blob's byte stream: each chunk is hashed and counted, a silence longer than
+/// [`IDLE_TIMEOUT`] is an error, and the end is only reported once digest and size match.
+pub fn verify_stream(inner: BlobStream, digest: Digest, size: u64) -> BlobStream {
+    Box::pin(Verified {
+        inner,
+        verifier: Some(Verifier::new(digest, size)),
+        idle: Box::pin(tokio::time::sleep(IDLE_TIMEOUT)),
+    })
+}
+
+struct Verified {
+    inner: BlobStream,
+    verifier: Option<Verifier>,
+    idle: Pin<Box<tokio::time::Sleep>>,
+}
+
+fn invalid(e: impl std::error::Error + Send + Sync + 'static) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+impl Stream for Verified {
+    type Item = io::Result<Bytes>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.verifier.is_none() {
+            return Poll::Ready(None);
+        }
+        match self.inner.as_mut().poll_next(cx) {
+            Poll::Pending => {
+                if self.idle.as_mut().poll(cx).is_ready() {
+                    self.verifier = None;
+                    return Poll::Ready(Some(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("blob stalled: no data for {}s", IDLE_TIMEOUT.as_secs()),
+                    ))));
+                }
+                Poll::Pending
+            }
+            Poll::Ready(Some(Ok(chunk))) => {
+                let deadline = tokio::time::Instant::now() + IDLE_TIMEOUT;
+                self.idle.as_mut().reset(deadline);
+                let verifier = self.verifier.as_mut().expect("checked above");
+                match verifier.update(&chunk) {
+                    Ok(()) => Poll::Ready(Some(Ok(chunk))),
+                    Err(e) => {
+                        self.verifier = None;
+                        Poll::Ready(Some(Err(invalid(e))))
+                    }
+                }
+            }
+            Poll::Ready(Some(Err(e))) => {
+                self.verifier = None;
+                Poll::Ready(Some(Err(e)))
+            }
+            Poll::Ready(None) => match self.verifier.take().expect("checked above").finish() {
+                Ok(()) => Poll::Ready(None),
+                Err(e) => Poll::Ready(Some(Err(invalid(e)))),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt;
+
+    async fn collect(chunks: Vec<&'static [u8]>, digest: Digest, size: u64) -> io::Result<Vec<u8>> {
+        let inner: BlobStream = Box::pin(futures::stream::iter(
+            chunks.into_iter().map(|c| Ok(Bytes::from_static(c))),
+        ));
+        let mut s = verify_stream(inner, digest, size);
+        let mut out = Vec::new();
+        while let Some(c) = s.next().await {
+            out.extend_from_slice(&c?);
+        }
+        Ok(out)
+    }
+
+    #[tokio::test]
+    async fn verified_stream() {
+        let d = Digest::of(b"hello world");
+        assert_eq!(
+            collect(vec![b"hello ", b"world"], d.clone(), 11)
+                .await
+                .unwrap(),
+            b"hello world"
+        );
+        let e = collect(vec![b"hello ", b"World"], d.clone(), 11)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        assert!(collect(vec![b"hello ", b"world!"], d.clone(), 11)
+            .await
+            .is_err());
+        assert!(collect(vec![b"hello "], d, 11).await.is_err());
+    }
+}

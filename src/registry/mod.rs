@@ -1,4 +1,20 @@
-//! (in progress) registry client.
+//! The distribution v2 client: manifests by tag or digest, blobs as verified byte streams, token and
+//! basic auth with the caller's own credentials. Blob redirects are followed by reqwest, which drops
+//! the `Authorization` header when a redirect leaves the registry's host.
+
+pub mod auth;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, WWW_AUTHENTICATE};
+use reqwest::{Response, StatusCode};
+
+use crate::digest::Digest;
+use crate::reference::Reference;
+use crate::source::{verify_stream, BlobStream, RawManifest};
+use auth::{parse_challenge, Challenge, TokenCache, TokenKey, TokenResponse};
 
 /// The caller's own `Authorization` header value (Basic), passed through upstream; never logged.
 #[derive(Clone, Default)]
@@ -6,6 +22,335 @@ pub struct Credentials(pub Option<String>);
 
 impl std::fmt::Debug for Credentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_some() { "Credentials(<redacted>)" } else { "Credentials(none)" })
+        f.write_str(if self.0.is_some() {
+            "Credentials(<redacted>)"
+        } else {
+            "Credentials(none)"
+        })
     }
+}
+
+/// Every manifest type strata reads (FORMATS.md §4).
+pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
+application/vnd.docker.distribution.manifest.list.v2+json, \
+application/vnd.oci.image.manifest.v1+json, \
+application/vnd.docker.distribution.manifest.v2+json";
+/// Largest manifest read; real ones are a few KiB.
+pub const MAX_MANIFEST: usize = 4 << 20;
+/// A registry that does not answer a connection in this time is down.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for response headers.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest silence in the middle of a blob before it counts as stalled.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Denied(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Upstream(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl RegistryError {
+    /// The HTTP status a caller of strata should see.
+    pub fn status(&self) -> u16 {
+        match self {
+            RegistryError::Unauthorized(_) => 401,
+            RegistryError::Denied(_) => 403,
+            RegistryError::NotFound(_) => 404,
+            RegistryError::Upstream(_) | RegistryError::Invalid(_) => 502,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// `host[:port]` reached over plain HTTP.
+    pub insecure: Vec<String>,
+    pub user_agent: String,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            insecure: Vec::new(),
+            user_agent: format!("strata/{}", env!("CARGO_PKG_VERSION")),
+        }
+    }
+}
+
+pub struct Client {
+    http: reqwest::Client,
+    insecure: Vec<String>,
+    tokens: TokenCache,
+}
+
+/// The registry's error body: `{"errors":[{"code":…,"message":…}]}`.
+#[derive(serde::Deserialize)]
+struct ErrorBody {
+    errors: Vec<ErrorEntry>,
+}
+#[derive(serde::Deserialize)]
+struct ErrorEntry {
+    code: Option<String>,
+    message: Option<String>,
+}
+
+async fn describe(url: &str, resp: Response) -> String {
+    let status = resp.status();
+    let body = resp.bytes().await.unwrap_or_default();
+    let detail = serde_json::from_slice::<ErrorBody>(&body)
+        .ok()
+        .and_then(|b| b.errors.into_iter().next())
+        .map(|e| {
+            format!(
+                ": {} {}",
+                e.code.unwrap_or_default(),
+                e.message.unwrap_or_default()
+            )
+        })
+        .unwrap_or_default();
+    format!("{url}: {status}{detail}")
+}
+
+impl Client {
+    pub fn new(config: ClientConfig) -> Client {
+        let http = reqwest::Client::builder()
+            .user_agent(config.user_agent)
+            .connect_timeout(CONNECT_TIMEOUT)
+            .redirect(reqwest::redirect::Policy::limited(5))
+            .build()
+            .expect("TLS backend initialises");
+        Client {
+            http,
+            insecure: config.insecure,
+            tokens: TokenCache::default(),
+        }
+    }
+
+    fn url(&self, reference: &Reference, path: &str) -> String {
+        let scheme = if self.insecure.iter().any(|h| *h == reference.registry) {
+            "http"
+        } else {
+            "https"
+        };
+        format!(
+            "{scheme}://{}/v2/{}/{path}",
+            reference.api_host(),
+            reference.repository
+        )
+    }
+
+    /// GET with auth: a cached token first; on 401, the challenge's token flow or basic auth.
+    async fn get(
+        &self,
+        reference: &Reference,
+        path: &str,
+        accept: Option<&str>,
+        credentials: &Credentials,
+    ) -> Result<(String, Response), RegistryError> {
+        let url = self.url(reference, path);
+        let key = TokenKey::new(
+            &reference.registry,
+            &reference.repository,
+            credentials.0.as_deref(),
+        );
+        let mut auth = self.tokens.get(&key).map(|t| format!("Bearer {t}"));
+        for attempt in 0..2 {
+            let mut headers = HeaderMap::new();
+            if let Some(a) = accept {
+                headers.insert(
+                    ACCEPT,
+                    HeaderValue::from_str(a).expect("static accept value"),
+                );
+            }
+            if let Some(a) = &auth {
+                let value = HeaderValue::from_str(a)
+                    .map_err(|_| RegistryError::Unauthorized("malformed credentials".into()))?;
+                headers.insert(AUTHORIZATION, value);
+            }
+            let resp = self
+                .http
+                .get(&url)
+                .headers(headers)
+                .timeout(RESPONSE_TIMEOUT)
+                .send()
+                .await
+                .map_err(|e| RegistryError::Upstream(format!("{url}: {}", error_chain(&e))))?;
+            let status = resp.status();
+            if status == StatusCode::UNAUTHORIZED && attempt == 0 {
+                let challenge = resp
+                    .headers()
+                    .get(WWW_AUTHENTICATE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(parse_challenge);
+                auth = match challenge {
+                    Some(Challenge::Bearer {
+                        realm,
+                        service,
+                        scope,
+                    }) => {
+                        let scope = scope
+                            .unwrap_or_else(|| format!("repository:{}:pull", reference.repository));
+                        let token = self
+                            .token(&realm, service.as_deref(), &scope, credentials)
+                            .await?;
+                        self.tokens.put(key.clone(), token.0.clone(), token.1);
+                        Some(format!("Bearer {}", token.0))
+                    }
+                    Some(Challenge::Basic) if credentials.0.is_some() => credentials.0.clone(),
+                    _ => return Err(RegistryError::Unauthorized(describe(&url, resp).await)),
+                };
+                continue;
+            }
+            return match status {
+                s if s.is_success() => Ok((url, resp)),
+                StatusCode::UNAUTHORIZED => {
+                    Err(RegistryError::Unauthorized(describe(&url, resp).await))
+                }
+                StatusCode::FORBIDDEN => Err(RegistryError::Denied(describe(&url, resp).await)),
+                StatusCode::NOT_FOUND => Err(RegistryError::NotFound(describe(&url, resp).await)),
+                _ => Err(RegistryError::Upstream(describe(&url, resp).await)),
+            };
+        }
+        unreachable!("the loop returns on its second attempt")
+    }
+
+    async fn token(
+        &self,
+        realm: &str,
+        service: Option<&str>,
+        scope: &str,
+        credentials: &Credentials,
+    ) -> Result<(String, Option<u64>), RegistryError> {
+        let mut query = vec![("scope", scope)];
+        if let Some(s) = service {
+            query.push(("service", s));
+        }
+        let mut req = self.http.get(realm).query(&query).timeout(RESPONSE_TIMEOUT);
+        if let Some(c) = &credentials.0 {
+            req = req.header(AUTHORIZATION, c.as_str());
+        }
+        let resp = req.send().await.map_err(|e| {
+            RegistryError::Upstream(format!("token endpoint {realm}: {}", error_chain(&e)))
+        })?;
+        match resp.status() {
+            s if s.is_success() => {}
+            StatusCode::UNAUTHORIZED => {
+                return Err(RegistryError::Unauthorized(describe(realm, resp).await))
+            }
+            StatusCode::FORBIDDEN => {
+                return Err(RegistryError::Denied(describe(realm, resp).await))
+            }
+            _ => {
+                return Err(RegistryError::Upstream(format!(
+                    "token endpoint {}",
+                    describe(realm, resp).await
+                )))
+            }
+        }
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| RegistryError::Upstream(format!("token endpoint {realm}: {e}")))?;
+        let body: TokenResponse = serde_json::from_slice(&body).map_err(|e| {
+            RegistryError::Upstream(format!("token endpoint {realm}: bad response: {e}"))
+        })?;
+        let token = body
+            .token
+            .or(body.access_token)
+            .ok_or_else(|| RegistryError::Upstream(format!("token endpoint {realm}: no token")))?;
+        Ok((token, body.expires_in))
+    }
+
+    /// A manifest by tag or digest; its bytes are checked against the digest asked for, or the one the
+    /// registry announces.
+    pub async fn manifest(
+        &self,
+        reference: &Reference,
+        tag_or_digest: &str,
+        credentials: &Credentials,
+    ) -> Result<RawManifest, RegistryError> {
+        let (url, resp) = self
+            .get(
+                reference,
+                &format!("manifests/{tag_or_digest}"),
+                Some(MANIFEST_ACCEPT),
+                credentials,
+            )
+            .await?;
+        let media_type = resp
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.split(';').next().unwrap_or("").trim().to_string())
+            .unwrap_or_default();
+        let announced = resp
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| Digest::parse(v).ok());
+        let mut body = Vec::new();
+        let mut stream = resp.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk
+                .map_err(|e| RegistryError::Upstream(format!("{url}: {}", error_chain(&e))))?;
+            if body.len() + chunk.len() > MAX_MANIFEST {
+                return Err(RegistryError::Invalid(format!(
+                    "{url}: manifest larger than {MAX_MANIFEST} bytes"
+                )));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let digest = Digest::of(&body);
+        let expected = Digest::parse(tag_or_digest).ok().or(announced);
+        if let Some(expected) = expected {
+            if expected != digest {
+                return Err(RegistryError::Invalid(format!(
+                    "{url}: manifest digest is {digest}, expected {expected}"
+                )));
+            }
+        }
+        Ok(RawManifest {
+            bytes: Bytes::from(body),
+            media_type,
+            digest,
+        })
+    }
+
+    /// A blob as a stream whose digest and size are verified as it flows.
+    pub async fn blob(
+        &self,
+        reference: &Reference,
+        digest: &Digest,
+        size: u64,
+        credentials: &Credentials,
+    ) -> Result<BlobStream, RegistryError> {
+        let (url, resp) = self
+            .get(reference, &format!("blobs/{digest}"), None, credentials)
+            .await?;
+        let stream = resp.bytes_stream().map(move |r| {
+            r.map_err(|e| std::io::Error::other(format!("{url}: {}", error_chain(&e))))
+        });
+        Ok(verify_stream(Box::pin(stream), digest.clone(), size))
+    }
+}
+
+/// reqwest's errors hide the cause (connection refused, reset) a level down.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
 }
