@@ -1,1 +1,164 @@
-//! (in progress)
+//! Command-line flags, in two stages: clap's raw arguments, then a validated [`Config`].
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+
+use crate::convert::ConverterConfig;
+use crate::manifest::Platform;
+use crate::reference::DOCKER_HUB;
+use crate::server::{ServerSettings, DEFAULT_MAX_CONCURRENT};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "strata",
+    version,
+    about = "Container images converted on the fly: registry layers squashed into one"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Serve conversions over HTTP.
+    Serve {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: String,
+        /// Conversions served at once; more get 503 with Retry-After.
+        #[arg(long, default_value_t = DEFAULT_MAX_CONCURRENT)]
+        max_concurrent: usize,
+        /// Seconds in-flight conversions may run after SIGTERM/SIGINT.
+        #[arg(long, default_value_t = 30)]
+        shutdown_grace: u64,
+        #[command(flatten)]
+        source: SourceArgs,
+    },
+    /// Write the squashed docker-load tarball of one image, the same bytes the server sends.
+    Squash {
+        /// Image reference, docker syntax.
+        reference: String,
+        /// Output file, or `-` for standard output.
+        #[arg(short, long)]
+        output: String,
+        /// Platform to pick from a multi-platform image.
+        #[arg(long, default_value = "linux/amd64")]
+        platform: String,
+        /// Name `docker load` gives the image (default: the reference).
+        #[arg(long)]
+        tag: Option<String>,
+        /// Read `user:password` for the registry from the STRATA_AUTH environment variable.
+        #[arg(long)]
+        credentials_from_env: bool,
+        #[command(flatten)]
+        source: SourceArgs,
+    },
+    /// Write a small generated image as an OCI layout, to try strata without a registry.
+    SampleLayout {
+        /// Directory to write.
+        dir: PathBuf,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct SourceArgs {
+    /// Registry of references that name none.
+    #[arg(long, default_value = DOCKER_HUB)]
+    pub default_registry: String,
+    /// Registry reached over plain HTTP (and allowed); repeatable.
+    #[arg(long)]
+    pub insecure_registry: Vec<String>,
+    /// Another registry requests may name; repeatable.
+    #[arg(long)]
+    pub allow_registry: Vec<String>,
+    /// Where layer summaries and merged sizes are remembered.
+    #[arg(long, env = "STRATA_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Remember nothing between conversions.
+    #[arg(long, conflicts_with = "cache_dir")]
+    pub no_cache: bool,
+    /// Serve the images of this OCI image layout instead of registries.
+    #[arg(long)]
+    pub oci_layout: Option<PathBuf>,
+}
+
+fn default_cache_dir() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("strata"))
+}
+
+fn host_ok(h: &str) -> bool {
+    !h.is_empty()
+        && !h.contains('/')
+        && h.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
+}
+
+impl SourceArgs {
+    pub fn converter_config(&self) -> anyhow::Result<ConverterConfig> {
+        for h in std::iter::once(&self.default_registry)
+            .chain(&self.insecure_registry)
+            .chain(&self.allow_registry)
+        {
+            if !host_ok(h) {
+                bail!("invalid registry {h:?}: expected HOST[:PORT]");
+            }
+        }
+        if let Some(dir) = &self.oci_layout {
+            if !dir.join("index.json").is_file() {
+                bail!(
+                    "{} is not an OCI image layout (no index.json)",
+                    dir.display()
+                );
+            }
+        }
+        Ok(ConverterConfig {
+            default_registry: self.default_registry.clone(),
+            insecure_registries: self.insecure_registry.clone(),
+            allowed_registries: self.allow_registry.clone(),
+            cache_dir: if self.no_cache {
+                None
+            } else {
+                self.cache_dir.clone().or_else(default_cache_dir)
+            },
+            oci_layout: self.oci_layout.clone(),
+        })
+    }
+}
+
+pub fn server_settings(
+    max_concurrent: usize,
+    shutdown_grace: u64,
+) -> anyhow::Result<ServerSettings> {
+    if max_concurrent == 0 {
+        bail!("--max-concurrent must be at least 1");
+    }
+    Ok(ServerSettings {
+        max_concurrent,
+        shutdown_grace: Duration::from_secs(shutdown_grace),
+    })
+}
+
+pub fn platform(s: &str) -> anyhow::Result<Platform> {
+    Platform::parse(s).map_err(anyhow::Error::msg)
+}
+
+/// `user:password` from STRATA_AUTH as a Basic authorization header value.
+pub fn credentials_from_env() -> anyhow::Result<String> {
+    use base64::Engine;
+    let raw = std::env::var("STRATA_AUTH")
+        .context("--credentials-from-env needs STRATA_AUTH=user:password")?;
+    if !raw.contains(':') {
+        bail!("STRATA_AUTH must be user:password");
+    }
+    Ok(format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(raw)
+    ))
+}

@@ -284,32 +284,43 @@ impl Converter {
         let parallel = std::thread::available_parallelism()
             .map_or(2, |n| n.get())
             .clamp(2, 8);
-        let scans = image.layers.iter().map(|layer| async move {
-            let hex = layer.digest.hex().to_string();
-            if let Some(items) = self.store.load_summary(&hex) {
-                return Ok(items);
-            }
-            let stream = self
-                .source
-                .blob(&image.reference, &layer.digest, layer.size, credentials)
-                .await
-                .map_err(source_error)?;
-            let compression = layer.compression;
-            let handle = Handle::current();
-            let digest = layer.digest.clone();
-            let items = tokio::task::spawn_blocking(move || {
-                let reader = SyncIoBridge::new_with_handle(StreamReader::new(stream), handle);
-                summary::scan(layer::decompress(
-                    compression,
-                    BufReader::with_capacity(READ_BUF, reader),
-                ))
+        let scans: Vec<_> = image
+            .layers
+            .iter()
+            .map(|layer| {
+                // Owned per layer, so each scan is a 'static future.
+                let (source, store, reference) = (
+                    self.source.clone(),
+                    self.store.clone(),
+                    image.reference.clone(),
+                );
+                let (layer, credentials) = (layer.clone(), credentials.clone());
+                async move {
+                    let hex = layer.digest.hex().to_string();
+                    if let Some(items) = store.load_summary(&hex) {
+                        return Ok(items);
+                    }
+                    let stream = source
+                        .blob(&reference, &layer.digest, layer.size, &credentials)
+                        .await
+                        .map_err(source_error)?;
+                    let handle = Handle::current();
+                    let items = tokio::task::spawn_blocking(move || {
+                        let reader =
+                            SyncIoBridge::new_with_handle(StreamReader::new(stream), handle);
+                        summary::scan(layer::decompress(
+                            layer.compression,
+                            BufReader::with_capacity(READ_BUF, reader),
+                        ))
+                    })
+                    .await
+                    .map_err(|e| Error::Internal(e.to_string()))?
+                    .map_err(|e| layer_error(&layer.digest, e))?;
+                    store.save_summary(&hex, &items);
+                    Ok::<_, Error>(items)
+                }
             })
-            .await
-            .map_err(|e| Error::Internal(e.to_string()))?
-            .map_err(|e| layer_error(&digest, e))?;
-            self.store.save_summary(&hex, &items);
-            Ok::<_, Error>(items)
-        });
+            .collect();
         futures::stream::iter(scans)
             .buffered(parallel)
             .try_collect()

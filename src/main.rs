@@ -1,1 +1,141 @@
-fn main() {}
+//! `strata`: parse flags, set up logging, then serve or convert once.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use futures::StreamExt;
+use tokio::io::AsyncWriteExt;
+
+use strata::cli::{self, Cli, Command};
+use strata::convert::{Converter, SquashRequest};
+use strata::registry::Credentials;
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime starts");
+    match runtime.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("strata: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve {
+            listen,
+            max_concurrent,
+            shutdown_grace,
+            source,
+        } => {
+            let settings = cli::server_settings(max_concurrent, shutdown_grace)?;
+            let converter = Arc::new(Converter::new(source.converter_config()?)?);
+            let listener = tokio::net::TcpListener::bind(&listen)
+                .await
+                .with_context(|| format!("binding {listen}"))?;
+            eprintln!("strata: listening on http://{}", listener.local_addr()?);
+            strata::server::run(listener, converter, settings, shutdown_signal()).await?;
+            Ok(())
+        }
+        Command::Squash {
+            reference,
+            output,
+            platform,
+            tag,
+            credentials_from_env,
+            source,
+        } => {
+            let converter = Converter::new(source.converter_config()?)?;
+            let credentials = Credentials(if credentials_from_env {
+                Some(cli::credentials_from_env()?)
+            } else {
+                None
+            });
+            let request = SquashRequest {
+                reference: converter.parse_reference(&reference)?,
+                platform: cli::platform(&platform)?,
+                tag,
+                credentials,
+            };
+            let prepared = converter
+                .prepare(request)
+                .await
+                .map_err(|e| anyhow::anyhow!("{}: {e}", e.code()))?;
+            write_output(&output, prepared.body, prepared.content_length).await
+        }
+        Command::SampleLayout { dir } => {
+            strata::sample::write_layout(&dir)
+                .with_context(|| format!("writing {}", dir.display()))?;
+            eprintln!("strata: sample image written to {}; serve it with --oci-layout and ask for sample:latest", dir.display());
+            Ok(())
+        }
+    }
+}
+
+/// Streams the body to `output`; a file is written as `FILE.partial` and renamed only when complete,
+/// so a failed conversion never leaves a complete-looking file.
+async fn write_output(
+    output: &str,
+    mut body: strata::convert::ByteStream,
+    expected: u64,
+) -> anyhow::Result<()> {
+    let mut written = 0u64;
+    if output == "-" {
+        let mut out = tokio::io::stdout();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.context("conversion failed")?;
+            written += chunk.len() as u64;
+            out.write_all(&chunk).await?;
+        }
+        out.flush().await?;
+    } else {
+        let partial = format!("{output}.partial");
+        let mut file = tokio::fs::File::create(&partial)
+            .await
+            .with_context(|| format!("creating {partial}"))?;
+        let result: anyhow::Result<()> = async {
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk.context("conversion failed")?;
+                written += chunk.len() as u64;
+                file.write_all(&chunk).await?;
+            }
+            file.sync_all().await?;
+            Ok(())
+        }
+        .await;
+        if let Err(e) = result {
+            let _ = tokio::fs::remove_file(&partial).await;
+            return Err(e);
+        }
+        if written != expected {
+            let _ = tokio::fs::remove_file(&partial).await;
+            anyhow::bail!("conversion ended after {written} of {expected} bytes");
+        }
+        tokio::fs::rename(&partial, output)
+            .await
+            .with_context(|| format!("renaming {partial}"))?;
+    }
+    if written != expected {
+        anyhow::bail!("conversion ended after {written} of {expected} bytes");
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("signal received");
+}

@@ -1,1 +1,272 @@
-//! (in progress)
+//! The HTTP front: routes, the one place errors become responses (JSON before the first byte, an
+//! aborted connection after it), a concurrency limit, and graceful shutdown.
+
+pub mod routes;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tracing::Instrument;
+
+use crate::convert::{Converter, Error, SquashRequest};
+use crate::manifest::Platform;
+use crate::registry::Credentials;
+use routes::{Route, RouteError};
+
+/// Conversions served at once unless configured: each holds a blocking thread and a few MiB.
+pub const DEFAULT_MAX_CONCURRENT: usize = 16;
+/// How long in-flight conversions may run after SIGTERM unless configured.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// What an overloaded server asks clients to wait.
+const RETRY_AFTER_SECS: &str = "5";
+
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    pub max_concurrent: usize,
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        ServerSettings {
+            max_concurrent: DEFAULT_MAX_CONCURRENT,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+        }
+    }
+}
+
+type Body = UnsyncBoxBody<Bytes, io::Error>;
+
+struct State {
+    converter: Arc<Converter>,
+    permits: Arc<Semaphore>,
+}
+
+/// Serves until `shutdown` completes, then lets open connections finish for the grace period.
+pub async fn run(
+    listener: TcpListener,
+    converter: Arc<Converter>,
+    settings: ServerSettings,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    let state = Arc::new(State {
+        converter,
+        permits: Arc::new(Semaphore::new(settings.max_concurrent)),
+    });
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let state = state.clone();
+                let service = service_fn(move |req| handle(req, state.clone(), peer));
+                let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            () = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    tracing::info!("shutting down: waiting for in-flight conversions");
+    tokio::select! {
+        () = graceful.shutdown() => tracing::info!("all connections closed"),
+        () = tokio::time::sleep(settings.shutdown_grace) => tracing::warn!("grace period over; aborting the rest"),
+    }
+    Ok(())
+}
+
+fn json_error(status: u16, code: &str, message: &str) -> Response<Body> {
+    let body = serde_json::json!({"error": {"code": code, "message": message}});
+    let mut resp = Response::new(
+        Full::new(Bytes::from(body.to_string()))
+            .map_err(|e: Infallible| match e {})
+            .boxed_unsync(),
+    );
+    *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+fn from_error(e: &Error) -> Response<Body> {
+    let mut resp = json_error(e.status(), e.code(), &e.to_string());
+    if matches!(e, Error::Overloaded) {
+        resp.headers_mut().insert(
+            header::RETRY_AFTER,
+            HeaderValue::from_static(RETRY_AFTER_SECS),
+        );
+    }
+    resp
+}
+
+fn empty() -> Body {
+    Empty::new()
+        .map_err(|e: Infallible| match e {})
+        .boxed_unsync()
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    state: Arc<State>,
+    peer: SocketAddr,
+) -> Result<Response<Body>, Infallible> {
+    let started = Instant::now();
+    let span =
+        tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), %peer);
+    let resp = respond(req, &state).instrument(span.clone()).await;
+    let status = resp.status().as_u16();
+    span.in_scope(|| {
+        if status >= 500 && status != 503 {
+            tracing::error!(
+                status,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "request failed"
+            );
+        } else {
+            tracing::info!(
+                status,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "response started"
+            );
+        }
+    });
+    Ok(resp)
+}
+
+async fn respond(req: Request<Incoming>, state: &State) -> Response<Body> {
+    let route = match routes::route(req.uri().path()) {
+        Ok(r) => r,
+        Err(RouteError::NotFound(p)) => {
+            return json_error(404, "NOT_FOUND", &format!("no such route: {p}"))
+        }
+        Err(RouteError::BadRequest(m)) => return json_error(400, "BAD_REQUEST", &m),
+    };
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut resp = json_error(405, "METHOD_NOT_ALLOWED", "only GET and HEAD are served");
+        resp.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return resp;
+    }
+    let reference = match route {
+        Route::Health => {
+            return Response::new(
+                Full::new(Bytes::from_static(b"ok\n"))
+                    .map_err(|e: Infallible| match e {})
+                    .boxed_unsync(),
+            )
+        }
+        Route::Squash(r) => r,
+    };
+    match squash(&req, state, &reference).await {
+        Ok(resp) => resp,
+        Err(e) => from_error(&e),
+    }
+}
+
+async fn squash(
+    req: &Request<Incoming>,
+    state: &State,
+    reference: &str,
+) -> Result<Response<Body>, Error> {
+    let query = routes::query(req.uri().query()).map_err(|e| Error::BadRequest(e.to_string()))?;
+    let platform = match &query.platform {
+        Some(p) => Platform::parse(p).map_err(Error::BadRequest)?,
+        None => Platform::default(),
+    };
+    let reference = state.converter.parse_reference(reference)?;
+    let credentials = Credentials(
+        req.headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| v.starts_with("Basic "))
+            .map(str::to_string),
+    );
+    let permit = state
+        .permits
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| Error::Overloaded)?;
+    let name = reference.familiar();
+    let prepared = state
+        .converter
+        .prepare(SquashRequest {
+            reference,
+            platform,
+            tag: query.tag,
+            credentials,
+        })
+        .await?;
+    let etag = format!("\"{}\"", prepared.etag);
+    let mut builder = Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-tar")
+        .header(header::ETAG, &etag)
+        .header(
+            header::CONTENT_DISPOSITION,
+            format!("attachment; filename=\"{}.tar\"", file_name(&name)),
+        );
+    let not_modified = req
+        .headers()
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v == etag || v == "*");
+    if not_modified {
+        builder = builder.status(StatusCode::NOT_MODIFIED);
+        return Ok(builder.body(empty()).expect("valid response"));
+    }
+    builder = builder.header(header::CONTENT_LENGTH, prepared.content_length);
+    if req.method() == Method::HEAD {
+        return Ok(builder.body(empty()).expect("valid response"));
+    }
+    // The permit lives as long as the body: a finished or dropped body frees the slot.
+    let body = prepared.body.map(move |chunk| {
+        let _held = &permit;
+        chunk.map(Frame::data)
+    });
+    Ok(builder
+        .body(BodyExt::boxed_unsync(StreamBody::new(body)))
+        .expect("valid response"))
+}
+
+/// A file name for Content-Disposition: the image name with anything unusual replaced.
+fn file_name(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
