@@ -41,14 +41,23 @@ fn small_files(layer_no: usize, dirs: usize, per_dir: usize) -> Vec<u8> {
     for d in 0..dirs {
         v.push(meta(format!("usr/share/d{d}"), Kind::Dir, 0, ""));
         for f in 0..per_dir {
-            v.push(meta(format!("usr/share/d{d}/file-{layer_no}-{f}"), Kind::File, 700, ""));
+            v.push(meta(
+                format!("usr/share/d{d}/file-{layer_no}-{f}"),
+                Kind::File,
+                700,
+                "",
+            ));
         }
     }
     layer(v)
 }
 
 fn large_files(count: usize, size: u64) -> Vec<u8> {
-    layer((0..count).map(|i| meta(format!("opt/blob{i}"), Kind::File, size, "")).collect())
+    layer(
+        (0..count)
+            .map(|i| meta(format!("opt/blob{i}"), Kind::File, size, ""))
+            .collect(),
+    )
 }
 
 fn whiteout_tree(depth: usize) -> (Vec<u8>, Vec<u8>) {
@@ -71,10 +80,19 @@ fn whiteout_tree(depth: usize) -> (Vec<u8>, Vec<u8>) {
 }
 
 fn hardlinks(count: usize) -> (Vec<u8>, Vec<u8>) {
-    let lower = layer((0..count).map(|i| meta(format!("lib/f{i}"), Kind::File, 300, "")).collect());
+    let lower = layer(
+        (0..count)
+            .map(|i| meta(format!("lib/f{i}"), Kind::File, 300, ""))
+            .collect(),
+    );
     let mut up = Vec::new();
     for i in 0..count {
-        up.push(meta(format!("lib/l{i}"), Kind::Hardlink, 0, &format!("lib/f{i}")));
+        up.push(meta(
+            format!("lib/l{i}"),
+            Kind::Hardlink,
+            0,
+            &format!("lib/f{i}"),
+        ));
         if i % 3 == 0 {
             up.push(meta(format!("lib/.wh.f{i}"), Kind::File, 0, ""));
         }
@@ -84,8 +102,10 @@ fn hardlinks(count: usize) -> (Vec<u8>, Vec<u8>) {
 
 /// Merges layers (bottom first) into a byte counter through the tar writer.
 fn merge(layers: &[Vec<u8>]) -> u64 {
-    let hints: Vec<LayerHints> =
-        layers.iter().map(|l| LayerHints::from_items(&summary::scan(&l[..]).unwrap())).collect();
+    let hints: Vec<LayerHints> = layers
+        .iter()
+        .map(|l| LayerHints::from_items(&summary::scan(&l[..]).unwrap()))
+        .collect();
     let mut sink = TarSink(Counter(0));
     let mut merger = Merger::new();
     for (depth, (l, h)) in layers.iter().zip(hints).rev().enumerate() {
@@ -110,8 +130,14 @@ impl io::Write for Counter {
 fn bench_merge(c: &mut Criterion) {
     let mut g = c.benchmark_group("merge");
     let cases: Vec<(&str, Vec<Vec<u8>>)> = vec![
-        ("small_files", (0..3).map(|i| small_files(i, 100, 100)).collect()),
-        ("large_files", vec![large_files(4, 16 << 20), large_files(2, 16 << 20)]),
+        (
+            "small_files",
+            (0..3).map(|i| small_files(i, 100, 100)).collect(),
+        ),
+        (
+            "large_files",
+            vec![large_files(4, 16 << 20), large_files(2, 16 << 20)],
+        ),
         ("whiteout_tree", {
             let (l, u) = whiteout_tree(200);
             vec![l, u]
@@ -124,13 +150,17 @@ fn bench_merge(c: &mut Criterion) {
     for (name, layers) in &cases {
         let bytes: usize = layers.iter().map(Vec::len).sum();
         g.throughput(Throughput::Bytes(bytes as u64));
-        g.bench_with_input(BenchmarkId::from_parameter(name), layers, |b, layers| b.iter(|| merge(layers)));
+        g.bench_with_input(BenchmarkId::from_parameter(name), layers, |b, layers| {
+            b.iter(|| merge(layers))
+        });
     }
     g.finish();
 }
 
 fn bench_writer(c: &mut Criterion) {
-    let entries: Vec<EntryMeta> = (0..10_000).map(|i| meta(format!("usr/lib/x/file{i}"), Kind::File, 0, "")).collect();
+    let entries: Vec<EntryMeta> = (0..10_000)
+        .map(|i| meta(format!("usr/lib/x/file{i}"), Kind::File, 0, ""))
+        .collect();
     let mut g = c.benchmark_group("writer");
     g.throughput(Throughput::Elements(entries.len() as u64));
     g.bench_function("headers", |b| {

@@ -416,8 +416,7 @@ impl Job {
                 layer.compression,
                 BufReader::with_capacity(READ_BUF, reader),
             );
-            merge_tar(&mut merger, tar, &mut sink)
-                .map_err(|e| io::Error::from(layer_error_io(&layer.digest, e)))?;
+            merge_tar(&mut merger, tar, &mut sink).map_err(|e| layer_error_io(&layer.digest, e))?;
         }
         merger.finish(&mut sink).map_err(io::Error::from)?;
         entry::write_end(&mut sink.0)?;

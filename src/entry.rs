@@ -612,12 +612,7 @@ mod tests {
         very_long.size = 3;
         roundtrip(&very_long);
         let mut link = meta("a/sym", Kind::Symlink);
-        link.link = "/"
-            .repeat(1)
-            .into_bytes()
-            .into_iter()
-            .chain("t".repeat(200).into_bytes())
-            .collect();
+        link.link = format!("/{}", "t".repeat(200)).into_bytes();
         roundtrip(&link);
         let mut hard = meta("b", Kind::Hardlink);
         hard.link = b"a/file".to_vec();

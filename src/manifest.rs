@@ -212,12 +212,12 @@ pub async fn resolve(
             )
         })?;
         layers.push(LayerDescriptor {
-            digest: digest_of(reference, &l.digest().to_string())?,
+            digest: digest_of(reference, l.digest().as_ref())?,
             size: l.size(),
             compression,
         });
     }
-    let config_digest = digest_of(reference, &manifest.config().digest().to_string())?;
+    let config_digest = digest_of(reference, manifest.config().digest().as_ref())?;
     let config_size = manifest.config().size();
     if config_size > MAX_CONFIG {
         return Err(invalid(

@@ -136,7 +136,7 @@ impl Client {
     }
 
     fn url(&self, reference: &Reference, path: &str) -> String {
-        let scheme = if self.insecure.iter().any(|h| *h == reference.registry) {
+        let scheme = if self.insecure.contains(&reference.registry) {
             "http"
         } else {
             "https"

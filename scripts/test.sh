@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# The one test command: installs what the tests need, checks formatting and lints, starts the real
+# services on loopback (registry, dockerd, containerd) with scratch directories, runs every test, and
+# stops the services again whatever happens.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# --- packages (idempotent: apt-get only runs when something is missing) ---
+packages=(docker.io docker-registry skopeo podman containerd pigz zstd busybox-static curl)
+commands=(dockerd docker-registry skopeo podman containerd pigz zstd busybox curl)
+missing=()
+for i in "${!commands[@]}"; do
+  command -v "${commands[$i]}" >/dev/null 2>&1 || missing+=("${packages[$i]}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "test.sh: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# --- static checks ---
+cargo fmt --all -- --check
+cargo clippy --all-targets --release -- -D warnings
+cargo build --release --all-targets
+
+# --- services ---
+work=$(mktemp -d /tmp/strata-test.XXXXXX)
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  sleep 1
+  for pid in "${pids[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
+  # dockerd's own containerd and the containers' shims live in its exec root.
+  pkill -f "$work" 2>/dev/null || true
+  umount -R "$work" 2>/dev/null || true
+  rm -rf "$work" 2>/dev/null || true
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+reg_port=$(free_port)
+cat > "$work/registry.yml" <<YML
+version: 0.1
+storage:
+  filesystem:
+    rootdirectory: $work/registry
+  delete:
+    enabled: true
+http:
+  addr: 127.0.0.1:$reg_port
+log:
+  level: warn
+YML
+docker-registry serve "$work/registry.yml" >"$work/registry.log" 2>&1 &
+pids+=($!)
+
+mkdir -p "$work/docker"
+dockerd --storage-driver=vfs --iptables=false --ip6tables=false --bridge=none \
+  --data-root "$work/docker/data" --exec-root "$work/docker/exec" --pidfile "$work/docker/docker.pid" \
+  -H "unix://$work/docker/docker.sock" >"$work/dockerd.log" 2>&1 &
+pids+=($!)
+
+mkdir -p "$work/containerd"
+cat > "$work/containerd/config.toml" <<TOML
+version = 2
+root = "$work/containerd/root"
+state = "$work/containerd/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "$work/containerd/containerd.sock"
+TOML
+containerd --config "$work/containerd/config.toml" >"$work/containerd.log" 2>&1 &
+pids+=($!)
+
+export DOCKER_HOST="unix://$work/docker/docker.sock"
+for _ in $(seq 1 60); do
+  if curl -fsS "http://127.0.0.1:$reg_port/v2/" >/dev/null 2>&1 && docker info >/dev/null 2>&1 \
+     && [ -S "$work/containerd/containerd.sock" ]; then
+    break
+  fi
+  sleep 1
+done
+curl -fsS "http://127.0.0.1:$reg_port/v2/" >/dev/null || { cat "$work/registry.log"; echo "registry did not start"; exit 1; }
+docker info >/dev/null || { tail -50 "$work/dockerd.log"; echo "dockerd did not start"; exit 1; }
+[ -S "$work/containerd/containerd.sock" ] || { tail -50 "$work/containerd.log"; echo "containerd did not start"; exit 1; }
+
+export STRATA_TEST_REGISTRY="127.0.0.1:$reg_port"
+export STRATA_TEST_CONTAINERD="$work/containerd/containerd.sock"
+export STRATA_TEST_WORK="$work"
+
+# --- tests ---
+cargo test --release --lib --bins --tests -- --test-threads=4
+cargo bench --no-run

@@ -1,0 +1,277 @@
+//! Test images built in Rust, byte for byte deterministic: layers written with the `tar` crate's
+//! headers (independent of strata's own writer), compressed with fixed headers, stored as an OCI image
+//! layout and pushed to the test registry with skopeo, which copies the blobs unchanged.
+
+use std::io::Write;
+use std::path::Path;
+
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+#[derive(Clone, Copy)]
+pub enum Comp {
+    Gzip,
+    /// Two gzip members, split in the middle, as eStargz and concatenating tools write.
+    GzipMulti,
+    Zstd,
+    /// Two zstd frames.
+    ZstdMulti,
+    None,
+}
+
+/// One layer's tar, entries in the order given.
+#[derive(Default, Clone)]
+pub struct Layer {
+    tar: Vec<u8>,
+}
+
+fn header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_mode(mode);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(1_600_000_000);
+    h.set_size(size);
+    h
+}
+
+impl Layer {
+    pub fn new() -> Layer {
+        Layer::default()
+    }
+
+    fn raw(mut self, mut h: tar::Header, path: &str, link: Option<&str>, data: &[u8]) -> Layer {
+        let mut b = tar::Builder::new(Vec::new());
+        // append_link / append_data handle long names with GNU long-name entries.
+        match link {
+            Some(target) => b.append_link(&mut h, path, target).unwrap(),
+            None => b.append_data(&mut h, path, data).unwrap(),
+        }
+        let bytes = b.into_inner().unwrap();
+        // into_inner without finish: no end-of-archive blocks yet.
+        self.tar.extend_from_slice(&bytes);
+        self
+    }
+
+    pub fn dir(self, path: &str, mode: u32) -> Layer {
+        self.raw(header(tar::EntryType::Directory, mode, 0), path, None, &[])
+    }
+    pub fn file(self, path: &str, mode: u32, data: &[u8]) -> Layer {
+        self.raw(
+            header(tar::EntryType::Regular, mode, data.len() as u64),
+            path,
+            None,
+            data,
+        )
+    }
+    pub fn file_owned(self, path: &str, mode: u32, uid: u64, gid: u64, data: &[u8]) -> Layer {
+        let mut h = header(tar::EntryType::Regular, mode, data.len() as u64);
+        h.set_uid(uid);
+        h.set_gid(gid);
+        self.raw(h, path, None, data)
+    }
+    pub fn symlink(self, path: &str, target: &str) -> Layer {
+        self.raw(
+            header(tar::EntryType::Symlink, 0o777, 0),
+            path,
+            Some(target),
+            &[],
+        )
+    }
+    pub fn hardlink(self, path: &str, target: &str) -> Layer {
+        self.raw(
+            header(tar::EntryType::Link, 0o644, 0),
+            path,
+            Some(target),
+            &[],
+        )
+    }
+    pub fn whiteout(self, path: &str) -> Layer {
+        let (dir, name) = path.rsplit_once('/').map_or(("", path), |(d, n)| (d, n));
+        let p = if dir.is_empty() {
+            format!(".wh.{name}")
+        } else {
+            format!("{dir}/.wh.{name}")
+        };
+        self.file(&p, 0o600, b"")
+    }
+    pub fn opaque(self, dir: &str) -> Layer {
+        self.file(&format!("{dir}/.wh..wh..opq"), 0o600, b"")
+    }
+    pub fn device(self, path: &str, char_dev: bool, major: u32, minor: u32) -> Layer {
+        let kind = if char_dev {
+            tar::EntryType::Char
+        } else {
+            tar::EntryType::Block
+        };
+        let mut h = header(kind, 0o666, 0);
+        h.set_device_major(major).unwrap();
+        h.set_device_minor(minor).unwrap();
+        self.raw(h, path, None, &[])
+    }
+    pub fn fifo(self, path: &str) -> Layer {
+        self.raw(header(tar::EntryType::Fifo, 0o644, 0), path, None, &[])
+    }
+    /// A file with PAX records (xattrs, big ids), written as the PAX `x` header plus the entry.
+    pub fn pax_file(
+        mut self,
+        path: &str,
+        mode: u32,
+        data: &[u8],
+        records: &[(&str, &[u8])],
+    ) -> Layer {
+        let mut b = tar::Builder::new(Vec::new());
+        b.append_pax_extensions(records.iter().map(|(k, v)| (*k, *v)))
+            .unwrap();
+        let mut h = header(tar::EntryType::Regular, mode, data.len() as u64);
+        b.append_data(&mut h, path, data).unwrap();
+        self.tar.extend_from_slice(&b.into_inner().unwrap());
+        self
+    }
+    /// Raw header bytes with a name the tar crate would clean (e.g. `./x`, duplicates).
+    pub fn raw_name(mut self, name: &str, kind: tar::EntryType, mode: u32, data: &[u8]) -> Layer {
+        let mut h = header(kind, mode, data.len() as u64);
+        h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+        h.set_cksum();
+        self.tar.extend_from_slice(h.as_bytes());
+        self.tar.extend_from_slice(data);
+        let pad = (512 - data.len() % 512) % 512;
+        self.tar.extend(std::iter::repeat_n(0u8, pad));
+        self
+    }
+
+    pub fn tar_bytes(&self) -> Vec<u8> {
+        let mut t = self.tar.clone();
+        t.extend_from_slice(&[0u8; 1024]);
+        t
+    }
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut e = flate2::GzBuilder::new()
+        .mtime(0)
+        .write(Vec::new(), flate2::Compression::fast());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+fn compress(tar: &[u8], comp: Comp) -> (Vec<u8>, &'static str) {
+    let half = tar.len() / 2;
+    match comp {
+        Comp::Gzip => (gzip(tar), "application/vnd.oci.image.layer.v1.tar+gzip"),
+        Comp::GzipMulti => {
+            let mut out = gzip(&tar[..half]);
+            out.extend(gzip(&tar[half..]));
+            (out, "application/vnd.oci.image.layer.v1.tar+gzip")
+        }
+        Comp::Zstd => (
+            zstd::encode_all(tar, 3).unwrap(),
+            "application/vnd.oci.image.layer.v1.tar+zstd",
+        ),
+        Comp::ZstdMulti => {
+            let mut out = zstd::encode_all(&tar[..half], 3).unwrap();
+            out.extend(zstd::encode_all(&tar[half..], 3).unwrap());
+            (out, "application/vnd.oci.image.layer.v1.tar+zstd")
+        }
+        Comp::None => (tar.to_vec(), "application/vnd.oci.image.layer.v1.tar"),
+    }
+}
+
+pub fn sha(data: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(data)))
+}
+
+/// An image: layers (bottom first) and the `config` part of its config.
+pub struct Image {
+    pub layers: Vec<(Layer, Comp)>,
+    pub config: Value,
+    pub arch: &'static str,
+}
+
+impl Image {
+    pub fn new(layers: Vec<(Layer, Comp)>) -> Image {
+        Image {
+            layers,
+            config: json!({"Cmd": ["/bin/sh"]}),
+            arch: "amd64",
+        }
+    }
+
+    /// Writes blobs into `dir/blobs/sha256` and returns the manifest descriptor.
+    fn write(&self, dir: &Path) -> Value {
+        let blobs = dir.join("blobs/sha256");
+        std::fs::create_dir_all(&blobs).unwrap();
+        let put = |data: &[u8]| {
+            let d = sha(data);
+            std::fs::write(blobs.join(&d[7..]), data).unwrap();
+            d
+        };
+        let mut descs = Vec::new();
+        let mut diff_ids = Vec::new();
+        for (layer, comp) in &self.layers {
+            let tar = layer.tar_bytes();
+            diff_ids.push(sha(&tar));
+            let (blob, media) = compress(&tar, *comp);
+            descs.push(json!({"mediaType": media, "digest": put(&blob), "size": blob.len()}));
+        }
+        let config = json!({
+            "created": "2024-05-06T07:08:09Z",
+            "architecture": self.arch,
+            "os": "linux",
+            "config": self.config,
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+            "history": self.layers.iter().map(|_| json!({"created_by": "fixture"})).collect::<Vec<_>>(),
+        });
+        let config = serde_json::to_vec(&config).unwrap();
+        let manifest = serde_json::to_vec(&json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": put(&config), "size": config.len()},
+            "layers": descs,
+        }))
+        .unwrap();
+        json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": put(&manifest),
+            "size": manifest.len(),
+            "platform": {"architecture": self.arch, "os": "linux"},
+        })
+    }
+}
+
+/// Writes an OCI layout holding `images` under the ref name `tag`: one image directly, several as an
+/// index (plus an attestation-like entry that must be skipped).
+pub fn write_layout(dir: &Path, images: &[Image], tag: &str) {
+    let descs: Vec<Value> = images.iter().map(|i| i.write(dir)).collect();
+    let blobs = dir.join("blobs/sha256");
+    let top = if descs.len() == 1 {
+        let mut d = descs[0].clone();
+        d.as_object_mut().unwrap().remove("platform");
+        d
+    } else {
+        let mut manifests = descs.clone();
+        // An attestation manifest as buildkit writes them: platform unknown/unknown.
+        manifests.push(json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": descs[0]["digest"],
+            "size": descs[0]["size"],
+            "platform": {"architecture": "unknown", "os": "unknown"},
+            "annotations": {"vnd.docker.reference.type": "attestation-manifest"},
+        }));
+        let index = serde_json::to_vec(&json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": manifests,
+        }))
+        .unwrap();
+        let d = sha(&index);
+        std::fs::write(blobs.join(&d[7..]), &index).unwrap();
+        json!({"mediaType": "application/vnd.oci.image.index.v1+json", "digest": d, "size": index.len()})
+    };
+    let mut top = top;
+    top["annotations"] = json!({"org.opencontainers.image.ref.name": tag});
+    let index = json!({"schemaVersion": 2, "manifests": [top]});
+    std::fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+}

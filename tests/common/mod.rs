@@ -1,0 +1,308 @@
+//! Shared by the integration tests: the services `scripts/test.sh` started (registry, dockerd,
+//! containerd), pushing fixtures, the docker-pull oracle, and a strata server per test binary.
+#![allow(dead_code)]
+
+pub mod fixtures;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+
+use sha2::{Digest, Sha256};
+
+/// The services, from the environment `scripts/test.sh` sets. With CI=true a missing service fails the
+/// test; elsewhere the test is skipped with a loud message.
+pub struct Env {
+    pub registry: String,
+    pub containerd: Option<String>,
+    pub work: PathBuf,
+}
+
+pub fn env() -> Option<Env> {
+    match std::env::var("STRATA_TEST_REGISTRY") {
+        Ok(registry) => Some(Env {
+            registry,
+            containerd: std::env::var("STRATA_TEST_CONTAINERD").ok(),
+            work: std::env::var("STRATA_TEST_WORK")
+                .map(PathBuf::from)
+                .unwrap_or_else(|_| std::env::temp_dir()),
+        }),
+        Err(_) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("STRATA_TEST_REGISTRY is not set: run the tests with scripts/test.sh")
+        }
+        Err(_) => {
+            eprintln!(
+                "SKIPPED: no test services (STRATA_TEST_REGISTRY unset); run scripts/test.sh"
+            );
+            None
+        }
+    }
+}
+
+/// Runs a command, panicking with its output on failure; returns stdout.
+pub fn run(cmd: &mut Command) -> Vec<u8> {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+pub fn docker() -> Command {
+    Command::new("docker")
+}
+
+/// A fresh scratch directory under the test work dir.
+pub fn scratch(name: &str) -> PathBuf {
+    let base = env().map(|e| e.work).unwrap_or_else(std::env::temp_dir);
+    let dir = base.join(format!("t-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Pushes an OCI layout to the registry as `repo:tag`, blobs unchanged.
+pub fn push(layout: &Path, tag_in_layout: &str, registry: &str, repo: &str, tag: &str) {
+    run(Command::new("skopeo").args([
+        "copy",
+        "--quiet",
+        "--all",
+        "--preserve-digests",
+        "--dest-tls-verify=false",
+        &format!("oci:{}:{tag_in_layout}", layout.display()),
+        &format!("docker://{registry}/{repo}:{tag}"),
+    ]));
+}
+
+/// One line per path of a container's exported file system: path, type, mode, uid, gid, size,
+/// content hash, link target, xattrs. Hardlinks are listed with their target's content.
+pub fn listing<R: Read>(tar: R) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut content_of: BTreeMap<String, String> = BTreeMap::new();
+    let mut archive = tar::Archive::new(tar);
+    for e in archive.entries().unwrap() {
+        let mut e = e.unwrap();
+        let path = String::from_utf8_lossy(&e.path_bytes())
+            .trim_end_matches('/')
+            .trim_start_matches("./")
+            .to_string();
+        let h = e.header().clone();
+        let kind = h.entry_type();
+        let mut xattrs = Vec::new();
+        if let Some(exts) = e.pax_extensions().unwrap() {
+            for ext in exts {
+                let ext = ext.unwrap();
+                if let Some(k) = ext.key().unwrap().strip_prefix("SCHILY.xattr.") {
+                    xattrs.push(format!("{k}={}", hex::encode(ext.value_bytes())));
+                }
+            }
+        }
+        xattrs.sort();
+        let link = e
+            .link_name_bytes()
+            .map(|l| String::from_utf8_lossy(&l).into_owned())
+            .unwrap_or_default();
+        let mut data = Vec::new();
+        e.read_to_end(&mut data).unwrap();
+        let (t, hash, size) = match kind {
+            tar::EntryType::Link => {
+                let target = link.trim_start_matches("./").to_string();
+                let c = content_of
+                    .get(&target)
+                    .cloned()
+                    .unwrap_or_else(|| format!("missing-target:{target}"));
+                ("file".to_string(), c, 0)
+            }
+            _ => {
+                let c = hex::encode(Sha256::digest(&data));
+                if kind.is_file() {
+                    content_of.insert(path.clone(), c.clone());
+                }
+                (
+                    format!("{kind:?}"),
+                    if kind.is_file() { c } else { String::new() },
+                    data.len(),
+                )
+            }
+        };
+        let (major, minor) = (
+            h.device_major().ok().flatten().unwrap_or(0),
+            h.device_minor().ok().flatten().unwrap_or(0),
+        );
+        let dev = if matches!(kind, tar::EntryType::Char | tar::EntryType::Block) {
+            format!(" dev={major},{minor}")
+        } else {
+            String::new()
+        };
+        let link = if kind == tar::EntryType::Symlink {
+            format!(" -> {link}")
+        } else {
+            String::new()
+        };
+        let line = format!(
+            "{t} {:o} {}:{} size={size} {}{link}{dev} [{}]",
+            h.mode().unwrap() & 0o7777,
+            h.uid().unwrap(),
+            h.gid().unwrap(),
+            &hash.get(..12).unwrap_or(""),
+            xattrs.join(",")
+        );
+        out.insert(path, line);
+    }
+    out
+}
+
+/// The exported file system of a container created from `image`.
+pub fn export_listing(image: &str) -> BTreeMap<String, String> {
+    let id = String::from_utf8(run(docker().args(["create", image, "/nonexistent"])))
+        .unwrap()
+        .trim()
+        .to_string();
+    let mut child = docker()
+        .args(["export", &id])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let listing = listing(child.stdout.take().unwrap());
+    assert!(child.wait().unwrap().success());
+    run(docker().args(["rm", &id]));
+    listing
+}
+
+/// The oracle: what `docker pull` gives.
+pub fn oracle(image: &str) -> BTreeMap<String, String> {
+    run(docker().args(["pull", "-q", image]));
+    export_listing(image)
+}
+
+/// Asserts two listings are equal, showing only the differing lines.
+pub fn assert_same(want: &BTreeMap<String, String>, got: &BTreeMap<String, String>, what: &str) {
+    let mut diff = Vec::new();
+    for (p, l) in want {
+        match got.get(p) {
+            Some(g) if g == l => {}
+            Some(g) => diff.push(format!("  {p}\n    docker pull: {l}\n    strata:      {g}")),
+            None => diff.push(format!("  {p} missing from strata's image ({l})")),
+        }
+    }
+    for (p, l) in got {
+        if !want.contains_key(p) {
+            diff.push(format!("  {p} only in strata's image ({l})"));
+        }
+    }
+    assert!(
+        diff.is_empty(),
+        "{what}: file systems differ:\n{}",
+        diff.join("\n")
+    );
+}
+
+/// A strata server for the test binary's lifetime (killed when the `Server` drops).
+pub struct Server {
+    child: Child,
+    pub url: String,
+    pub cache: PathBuf,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn strata() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_strata"))
+}
+
+impl Server {
+    pub fn start(registry: &str, extra: &[&str]) -> Server {
+        let cache = scratch(&format!("cache-{}", rand_suffix()));
+        let mut child = strata()
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--insecure-registry",
+                registry,
+                "--cache-dir",
+            ])
+            .arg(&cache)
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        let url = loop {
+            line.clear();
+            assert!(
+                stderr.read_line(&mut line).unwrap() > 0,
+                "strata serve exited before listening"
+            );
+            if let Some(u) = line.trim().strip_prefix("strata: listening on ") {
+                break u.to_string();
+            }
+        };
+        // Keep draining stderr so the server never blocks on a full pipe.
+        std::thread::spawn(move || {
+            let mut sink = String::new();
+            while stderr.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
+                eprint!("[strata] {sink}");
+                sink.clear();
+            }
+        });
+        Server { child, url, cache }
+    }
+}
+
+pub fn rand_suffix() -> String {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    format!("{}", N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// One server shared by the tests of a binary.
+pub fn shared_server(registry: &str) -> &'static Server {
+    static SERVER: OnceLock<Server> = OnceLock::new();
+    SERVER.get_or_init(|| Server::start(registry, &[]))
+}
+
+/// GET with curl: (status, headers, body). `curl` is what users run.
+pub fn curl(args: &[&str]) -> (u16, String, Vec<u8>) {
+    let dir = scratch(&format!("curl-{}", rand_suffix()));
+    let headers = dir.join("h");
+    let body = dir.join("b");
+    let out = Command::new("curl")
+        .args(["-sS", "-D"])
+        .arg(&headers)
+        .arg("-o")
+        .arg(&body)
+        .args(["-w", "%{http_code}"])
+        .args(args)
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    let h = std::fs::read_to_string(&headers).unwrap_or_default();
+    let b = std::fs::read(&body).unwrap_or_default();
+    let _ = std::fs::remove_dir_all(&dir);
+    (status, h, b)
+}
+
+pub fn header_value(headers: &str, name: &str) -> Option<String> {
+    headers.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| v.trim().to_string())
+    })
+}

@@ -1,0 +1,477 @@
+//! Squash end to end against the real parts: fixtures pushed to a real registry, the oracle from a
+//! real `docker pull`, strata's output loaded by real docker (and podman, skopeo, containerd).
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::fixtures::{write_layout, Comp, Image, Layer};
+use common::*;
+use serde_json::{json, Value};
+
+/// Pushes `images` as `fixtures/<name>:v1`; returns the reference.
+fn publish(env: &Env, name: &str, images: Vec<Image>) -> String {
+    let dir = scratch(&format!("layout-{name}"));
+    write_layout(&dir, &images, "v1");
+    push(&dir, "v1", &env.registry, &format!("fixtures/{name}"), "v1");
+    format!("{}/fixtures/{name}:v1", env.registry)
+}
+
+/// Fetches the squash of `reference` with curl into a file; returns its path.
+fn fetch(server: &Server, reference: &str, query: &str) -> PathBuf {
+    let file = scratch(&format!("out-{}", rand_suffix())).join("image.tar");
+    let url = format!("{}/squash/{reference}{query}", server.url);
+    let (status, headers, body) = curl(&["-f", &url]);
+    assert_eq!(status, 200, "{url}: {}", String::from_utf8_lossy(&body));
+    let length: usize = header_value(&headers, "content-length")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(length, body.len());
+    assert_eq!(
+        header_value(&headers, "content-type").as_deref(),
+        Some("application/x-tar")
+    );
+    std::fs::write(&file, body).unwrap();
+    file
+}
+
+/// The squash of `reference`, loaded by docker under `tag`, must list exactly what `docker pull` gives.
+fn check_against_oracle(env: &Env, reference: &str, tag: &str) -> PathBuf {
+    let want = oracle(reference);
+    let server = shared_server(&env.registry);
+    let file = fetch(server, reference, &format!("?tag={tag}"));
+    let out = run(docker().arg("load").arg("-i").arg(&file));
+    assert!(
+        String::from_utf8_lossy(&out).contains(tag),
+        "docker load said: {}",
+        String::from_utf8_lossy(&out)
+    );
+    let got = export_listing(tag);
+    assert_same(&want, &got, reference);
+    let inspect: Value =
+        serde_json::from_slice(&run(docker().args(["image", "inspect", tag]))).unwrap();
+    assert_eq!(
+        inspect[0]["RootFS"]["Layers"].as_array().unwrap().len(),
+        1,
+        "one squashed layer"
+    );
+    let original: Value =
+        serde_json::from_slice(&run(docker().args(["image", "inspect", reference]))).unwrap();
+    assert_eq!(
+        inspect[0]["Config"], original[0]["Config"],
+        "image config kept"
+    );
+    assert_eq!(inspect[0]["Architecture"], original[0]["Architecture"]);
+    file
+}
+
+fn basic() -> Vec<Image> {
+    vec![Image::new(vec![
+        (
+            Layer::new()
+                .dir("etc", 0o755)
+                .file("etc/os-release", 0o644, b"NAME=fixture\n")
+                .dir("usr", 0o755)
+                .dir("usr/bin", 0o755)
+                .file("usr/bin/app", 0o755, b"#!/bin/sh\necho app\n")
+                .symlink("bin", "usr/bin"),
+            Comp::Gzip,
+        ),
+        (
+            Layer::new()
+                .dir("etc", 0o700)
+                .file("etc/os-release", 0o600, b"NAME=changed\n")
+                .file("new", 0o644, b"n"),
+            Comp::Gzip,
+        ),
+    ])]
+}
+
+#[test]
+fn basic_matches_docker_pull() {
+    let Some(env) = env() else { return };
+    let r = publish(&env, "basic", basic());
+    check_against_oracle(&env, &r, "strata-test/basic:squashed");
+}
+
+fn whiteouts() -> Vec<Image> {
+    let base = Layer::new()
+        .dir("opq", 0o755)
+        .file("opq/lower1", 0o644, b"l1")
+        .dir("opq/sub", 0o755)
+        .file("opq/sub/deep", 0o644, b"deep")
+        .dir("recreated", 0o755)
+        .file("recreated/old", 0o644, b"old")
+        .file("refile", 0o644, b"old file")
+        .dir("dir2file", 0o755)
+        .file("dir2file/child", 0o644, b"c")
+        .dir("dir2link", 0o755)
+        .file("dir2link/child", 0o644, b"c")
+        .file("file2dir", 0o644, b"f")
+        .dir("gone", 0o755)
+        .file("gone/x", 0o644, b"x")
+        .file("keep", 0o644, b"keep")
+        .file("dup", 0o644, b"dup-lower");
+    let upper = Layer::new()
+        // Opaque marker after the layer's own children of the directory.
+        .dir("opq", 0o755)
+        .file("opq/mine", 0o644, b"mine")
+        .opaque("opq")
+        // Whiteout, then re-creation of the same name in one layer.
+        .whiteout("recreated")
+        .dir("recreated", 0o750)
+        .file("recreated/new", 0o644, b"new")
+        .whiteout("refile")
+        .file("refile", 0o644, b"new file")
+        // Replacements without whiteouts.
+        .file("dir2file", 0o644, b"now a file")
+        .symlink("dir2link", "/keep")
+        .dir("file2dir", 0o755)
+        .file("file2dir/inside", 0o644, b"i")
+        // Duplicates in one layer, `./x` and `x` included.
+        .raw_name("./dup", tar::EntryType::Regular, 0o644, b"first")
+        .raw_name("dup", tar::EntryType::Regular, 0o644, b"second");
+    let whiteout_only = Layer::new().whiteout("gone");
+    let empty = Layer::new();
+    vec![Image::new(vec![
+        (base, Comp::Gzip),
+        (upper, Comp::Gzip),
+        (whiteout_only, Comp::Gzip),
+        (empty, Comp::Gzip),
+    ])]
+}
+
+#[test]
+fn whiteouts_match_docker_pull() {
+    let Some(env) = env() else { return };
+    let r = publish(&env, "whiteouts", whiteouts());
+    check_against_oracle(&env, &r, "strata-test/whiteouts:squashed");
+}
+
+fn hardlinks() -> Vec<Image> {
+    let base = Layer::new()
+        .dir("lib", 0o755)
+        .file("lib/target", 0o644, b"same-layer target")
+        .hardlink("lib/same", "lib/target")
+        .file("lib/lower", 0o644, b"lower target")
+        .file("lib/deleted", 0o644, b"deleted above")
+        .hardlink("lib/link-to-deleted", "lib/deleted")
+        .file("lib/overwritten", 0o644, b"original content")
+        .hardlink("lib/link-to-overwritten", "lib/overwritten");
+    let mid = Layer::new().hardlink("lib/upper-link", "lib/lower");
+    let top = Layer::new()
+        .whiteout("lib/deleted")
+        .file("lib/overwritten", 0o644, b"new content");
+    vec![Image::new(vec![
+        (base, Comp::Gzip),
+        (mid, Comp::Gzip),
+        (top, Comp::Gzip),
+    ])]
+}
+
+#[test]
+fn hardlinks_match_docker_pull() {
+    let Some(env) = env() else { return };
+    let r = publish(&env, "hardlinks", hardlinks());
+    check_against_oracle(&env, &r, "strata-test/hardlinks:squashed");
+}
+
+fn special() -> Vec<Image> {
+    let long_dir = format!("long/{}", "d".repeat(120));
+    let long_file = format!("{long_dir}/{}", "f".repeat(150));
+    let long_target = format!("/{}", "t".repeat(200));
+    let layer = Layer::new()
+        .dir("long", 0o755)
+        .dir(&long_dir, 0o755)
+        .file(&long_file, 0o644, b"long name")
+        .symlink("long/sym", &long_target)
+        .symlink("abs", "/etc/passwd")
+        .symlink("rel", "../x/y")
+        .dir("dev", 0o755)
+        .device("dev/null2", true, 1, 3)
+        .device("dev/blk", false, 7, 0)
+        .fifo("fifo")
+        .pax_file(
+            "xattr",
+            0o644,
+            b"x",
+            &[
+                ("SCHILY.xattr.user.strata", b"yes"),
+                ("SCHILY.xattr.user.bin", &[0, 1, 2]),
+            ],
+        )
+        .file_owned("bigids", 0o4755, 3_000_000, 2_500_000, b"suid")
+        .file("sgid", 0o2755, b"g")
+        .dir("sticky", 0o1777)
+        .file("été", 0o644, b"utf8");
+    vec![Image::new(vec![
+        (Layer::new().file("base", 0o644, b"b"), Comp::Gzip),
+        (layer, Comp::Gzip),
+    ])]
+}
+
+#[test]
+fn special_entries_match_docker_pull_and_load_everywhere() {
+    let Some(env) = env() else { return };
+    let r = publish(&env, "special", special());
+    let file = check_against_oracle(&env, &r, "strata-test/special:squashed");
+    other_loaders(&env, &file);
+}
+
+/// podman, skopeo and containerd accept the archive too.
+fn other_loaders(env: &Env, file: &std::path::Path) {
+    let podman = scratch("podman");
+    run(Command::new("podman")
+        .arg("--root")
+        .arg(podman.join("root"))
+        .arg("--runroot")
+        .arg(podman.join("run"))
+        .args([
+            "--storage-driver",
+            "vfs",
+            "--cgroup-manager",
+            "cgroupfs",
+            "--events-backend",
+            "none",
+            "load",
+            "-i",
+        ])
+        .arg(file));
+    let oci = scratch("skopeo-oci");
+    run(Command::new("skopeo")
+        .args(["copy", "--quiet"])
+        .arg(format!("docker-archive:{}", file.display()))
+        .arg(format!("oci:{}:x", oci.display())));
+    match &env.containerd {
+        Some(sock) => {
+            run(Command::new("ctr")
+                .args(["-a", sock, "-n", "strata-test", "images", "import"])
+                .arg(file));
+        }
+        None => {
+            panic!("STRATA_TEST_CONTAINERD is not set: containerd's import is part of the test")
+        }
+    }
+}
+
+fn compression() -> Vec<Image> {
+    vec![Image::new(vec![
+        (
+            Layer::new()
+                .dir("a", 0o755)
+                .file("a/gz", 0o644, &[b'g'; 5000])
+                .file("a/gz2", 0o644, b"second member"),
+            Comp::GzipMulti,
+        ),
+        (
+            Layer::new()
+                .dir("b", 0o755)
+                .file("b/zstd", 0o644, &[b'z'; 5000])
+                .file("b/z2", 0o644, b"second frame"),
+            Comp::ZstdMulti,
+        ),
+        (
+            Layer::new()
+                .file("plain", 0o644, b"uncompressed layer")
+                .whiteout("a/gz2"),
+            Comp::None,
+        ),
+        (Layer::new().file("single-zstd", 0o644, b"z"), Comp::Zstd),
+    ])]
+}
+
+#[test]
+fn compressions_match_docker_pull() {
+    let Some(env) = env() else { return };
+    let r = publish(&env, "compression", compression());
+    check_against_oracle(&env, &r, "strata-test/compression:squashed");
+}
+
+fn multiarch() -> Vec<Image> {
+    let mut amd = Image::new(vec![(
+        Layer::new().file("arch", 0o644, b"amd64"),
+        Comp::Gzip,
+    )]);
+    amd.arch = "amd64";
+    let mut arm = Image::new(vec![(
+        Layer::new().file("arch", 0o644, b"arm64"),
+        Comp::Gzip,
+    )]);
+    arm.arch = "arm64";
+    vec![amd, arm]
+}
+
+#[test]
+fn multiarch_picks_the_platform_and_404s_otherwise() {
+    let Some(env) = env() else { return };
+    let r = publish(&env, "multiarch", multiarch());
+    let server = shared_server(&env.registry);
+    for (platform, content) in [
+        ("linux/amd64", "amd64"),
+        ("linux/arm64", "arm64"),
+        ("linux/arm64/v8", "arm64"),
+    ] {
+        let file = fetch(server, &r, &format!("?platform={platform}"));
+        let tar = std::fs::read(&file).unwrap();
+        let mut outer = tar::Archive::new(&tar[..]);
+        let mut layer = Vec::new();
+        for e in outer.entries().unwrap() {
+            let mut e = e.unwrap();
+            if e.path().unwrap().ends_with("layer.tar") {
+                std::io::Read::read_to_end(&mut e, &mut layer).unwrap();
+            }
+        }
+        let listing = listing(&layer[..]);
+        assert!(
+            listing["arch"].contains(&common::fixtures::sha(content.as_bytes())[7..19]),
+            "{platform}: {listing:?}"
+        );
+    }
+    let (status, headers, body) =
+        curl(&[&format!("{}/squash/{r}?platform=linux/s390x", server.url)]);
+    assert_eq!(status, 404);
+    assert_eq!(
+        header_value(&headers, "content-type").as_deref(),
+        Some("application/json")
+    );
+    let err: Value = serde_json::from_slice(&body).unwrap();
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("linux/arm64"),
+        "{err}"
+    );
+}
+
+#[test]
+fn busybox_image_runs() {
+    let Some(env) = env() else { return };
+    let busybox =
+        std::fs::read("/bin/busybox").expect("busybox-static installed by scripts/test.sh");
+    let mut image = Image::new(vec![
+        (
+            Layer::new()
+                .dir("bin", 0o755)
+                .file("bin/busybox", 0o755, &busybox),
+            Comp::Gzip,
+        ),
+        (
+            Layer::new()
+                .hardlink("bin/sh", "bin/busybox")
+                .hardlink("bin/echo", "bin/busybox")
+                .dir("etc", 0o755)
+                .file("etc/greeting", 0o644, b"hello from a squashed image\n"),
+            Comp::Gzip,
+        ),
+    ]);
+    image.config = json!({"Cmd": ["/bin/sh", "-c", "cat /etc/greeting"], "Env": ["A=b=c"]});
+    let r = publish(&env, "busybox", vec![image]);
+    check_against_oracle(&env, &r, "strata-test/busybox:squashed");
+    let out = run(docker().args([
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "strata-test/busybox:squashed",
+    ]));
+    assert_eq!(
+        String::from_utf8_lossy(&out),
+        "hello from a squashed image\n"
+    );
+    let out = run(docker().args([
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "strata-test/busybox:squashed",
+        "/bin/sh",
+        "-c",
+        "echo $A",
+    ]));
+    assert_eq!(String::from_utf8_lossy(&out), "b=c\n");
+}
+
+#[test]
+fn cli_and_http_bytes_are_identical_and_reproducible() {
+    let Some(env) = env() else { return };
+    let r = publish(&env, "repro", basic());
+    let server = shared_server(&env.registry);
+    let http = std::fs::read(fetch(server, &r, "")).unwrap();
+    let again = std::fs::read(fetch(server, &r, "")).unwrap();
+    assert_eq!(http, again, "same image, same bytes");
+    for cache in ["--no-cache", "--cache-dir"] {
+        let out = scratch(&format!("cli-{}", rand_suffix())).join("x.tar");
+        let mut cmd = strata();
+        cmd.args(["squash", &r, "-o"]).arg(&out).args([
+            "--insecure-registry",
+            &env.registry,
+            cache,
+        ]);
+        if cache == "--cache-dir" {
+            cmd.arg(scratch(&format!("clicache-{}", rand_suffix())));
+        }
+        run(&mut cmd);
+        assert_eq!(
+            std::fs::read(&out).unwrap(),
+            http,
+            "CLI ({cache}) and HTTP give the same bytes"
+        );
+    }
+    // HEAD: same headers, no body.
+    let (status, headers, body) = curl(&["-I", &format!("{}/squash/{r}", server.url)]);
+    assert_eq!(status, 200);
+    assert_eq!(
+        header_value(&headers, "content-length").unwrap(),
+        http.len().to_string()
+    );
+    assert!(body.is_empty());
+    let etag = header_value(&headers, "etag").unwrap();
+    let (status, _, _) = curl(&[
+        "-H",
+        &format!("If-None-Match: {etag}"),
+        &format!("{}/squash/{r}", server.url),
+    ]);
+    assert_eq!(status, 304);
+}
+
+#[test]
+fn errors_before_the_first_byte_are_json() {
+    let Some(env) = env() else { return };
+    publish(&env, "errs", basic());
+    let server = shared_server(&env.registry);
+    let cases = [
+        (format!("/squash/{}/fixtures/errs:nope", env.registry), 404),
+        (
+            format!("/squash/{}/fixtures/no-such-repo:v1", env.registry),
+            404,
+        ),
+        ("/squash/Bad..Reference".to_string(), 400),
+        (
+            format!("/squash/{}/fixtures/errs:v1?platform=linux", env.registry),
+            400,
+        ),
+        (
+            format!("/squash/{}/fixtures/errs:v1?bogus=1", env.registry),
+            400,
+        ),
+        ("/squash/example.com/x:y".to_string(), 403),
+        ("/nope".to_string(), 404),
+    ];
+    for (path, want) in cases {
+        let (status, headers, body) = curl(&[&format!("{}{path}", server.url)]);
+        assert_eq!(status, want, "{path}: {}", String::from_utf8_lossy(&body));
+        assert_eq!(
+            header_value(&headers, "content-type").as_deref(),
+            Some("application/json"),
+            "{path}"
+        );
+        let v: Value = serde_json::from_slice(&body).unwrap_or_else(|_| panic!("{path}: not JSON"));
+        assert!(
+            v["error"]["code"].is_string() && v["error"]["message"].is_string(),
+            "{path}: {v}"
+        );
+    }
+}
