@@ -20,9 +20,11 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 # --- static checks ---
+if [ "${STRATA_TEST_SHELL:-}" != 1 ]; then
 cargo fmt --all -- --check
 cargo clippy --all-targets --release -- -D warnings
 cargo build --release --all-targets
+fi
 
 # --- services ---
 work=$(mktemp -d /tmp/strata-test.XXXXXX)
@@ -89,6 +91,12 @@ docker info >/dev/null || { tail -50 "$work/dockerd.log"; echo "dockerd did not 
 export STRATA_TEST_REGISTRY="127.0.0.1:$reg_port"
 export STRATA_TEST_CONTAINERD="$work/containerd/containerd.sock"
 export STRATA_TEST_WORK="$work"
+
+# STRATA_TEST_SHELL=1: keep the services up and open a shell with their environment, for debugging.
+if [ "${STRATA_TEST_SHELL:-}" = 1 ]; then
+  env | grep -E '^(DOCKER_HOST|STRATA_TEST_)' > "${STRATA_TEST_ENV_FILE:-/dev/stdout}"
+  sleep infinity
+fi
 
 # --- tests ---
 cargo test --release --lib --bins --tests -- --test-threads=4

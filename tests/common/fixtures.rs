@@ -25,6 +25,13 @@ pub struct Layer {
     tar: Vec<u8>,
 }
 
+/// `Builder::into_inner` ends the archive with two zero blocks; entries are concatenated without them.
+fn without_end(mut bytes: Vec<u8>) -> Vec<u8> {
+    assert!(bytes.len() >= 1024 && bytes[bytes.len() - 1024..].iter().all(|&b| b == 0));
+    bytes.truncate(bytes.len() - 1024);
+    bytes
+}
+
 fn header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
     let mut h = tar::Header::new_gnu();
     h.set_entry_type(kind);
@@ -48,9 +55,7 @@ impl Layer {
             Some(target) => b.append_link(&mut h, path, target).unwrap(),
             None => b.append_data(&mut h, path, data).unwrap(),
         }
-        let bytes = b.into_inner().unwrap();
-        // into_inner without finish: no end-of-archive blocks yet.
-        self.tar.extend_from_slice(&bytes);
+        self.tar.extend(without_end(b.into_inner().unwrap()));
         self
     }
 
@@ -79,9 +84,10 @@ impl Layer {
             &[],
         )
     }
-    pub fn hardlink(self, path: &str, target: &str) -> Layer {
+    /// Tar writers give a hardlink its target's mode, and extractors chmod the shared inode to it.
+    pub fn hardlink(self, path: &str, target: &str, mode: u32) -> Layer {
         self.raw(
-            header(tar::EntryType::Link, 0o644, 0),
+            header(tar::EntryType::Link, mode, 0),
             path,
             Some(target),
             &[],
@@ -126,7 +132,7 @@ impl Layer {
             .unwrap();
         let mut h = header(tar::EntryType::Regular, mode, data.len() as u64);
         b.append_data(&mut h, path, data).unwrap();
-        self.tar.extend_from_slice(&b.into_inner().unwrap());
+        self.tar.extend(without_end(b.into_inner().unwrap()));
         self
     }
     /// Raw header bytes with a name the tar crate would clean (e.g. `./x`, duplicates).
