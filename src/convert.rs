@@ -396,6 +396,8 @@ impl Job {
 
     fn run(&self, out: &mut ChannelWriter, handle: &Handle) -> io::Result<()> {
         self.archive.write_head(out)?;
+        // The first byte leaves now, not when a chunk fills: the client learns the transfer has begun.
+        out.flush()?;
         let mut layer_out = LayerWriter::new(&mut *out, self.archive.layer_size());
         let mut sink = TarSink(&mut layer_out);
         let mut merger = Merger::new();
@@ -403,6 +405,8 @@ impl Job {
             let _span =
                 tracing::debug_span!("layer", digest = %layer.digest, size = layer.size).entered();
             merger.begin_layer(depth as u32, hints.clone());
+            // What is ready goes out while the next layer's fetch waits on the network.
+            sink.0.flush()?;
             let stream = handle
                 .block_on(self.source.blob(
                     &self.reference,
@@ -427,6 +431,8 @@ impl Job {
 
 fn layer_error_io(digest: &Digest, e: MergeError) -> io::Error {
     match e {
+        // Kept as it is: the job recognises it to forget the wrong size.
+        MergeError::Io(io) if io.get_ref().is_some_and(|inner| inner.is::<SizeExceeded>()) => io,
         MergeError::Io(io) => io::Error::new(io.kind(), format!("layer {digest}: {io}")),
         other => io::Error::new(
             io::ErrorKind::InvalidData,

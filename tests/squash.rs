@@ -6,17 +6,9 @@ mod common;
 use std::path::PathBuf;
 use std::process::Command;
 
-use common::fixtures::{write_layout, Comp, Image, Layer};
+use common::fixtures::{Comp, Image, Layer};
 use common::*;
 use serde_json::{json, Value};
-
-/// Pushes `images` as `fixtures/<name>:v1`; returns the reference.
-fn publish(env: &Env, name: &str, images: Vec<Image>) -> String {
-    let dir = scratch(&format!("layout-{name}"));
-    write_layout(&dir, &images, "v1");
-    push(&dir, "v1", &env.registry, &format!("fixtures/{name}"), "v1");
-    format!("{}/fixtures/{name}:v1", env.registry)
-}
 
 /// Fetches the squash of `reference` with curl into a file; returns its path.
 fn fetch(server: &Server, reference: &str, query: &str) -> PathBuf {

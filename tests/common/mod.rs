@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod fixtures;
+pub mod proxy;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
@@ -77,6 +78,32 @@ pub fn push(layout: &Path, tag_in_layout: &str, registry: &str, repo: &str, tag:
         &format!("oci:{}:{tag_in_layout}", layout.display()),
         &format!("docker://{registry}/{repo}:{tag}"),
     ]));
+}
+
+/// Pushes `images` as `fixtures/<name>:v1`; returns the reference.
+pub fn publish(env: &Env, name: &str, images: Vec<fixtures::Image>) -> String {
+    let dir = scratch(&format!("layout-{name}"));
+    fixtures::write_layout(&dir, &images, "v1");
+    push(&dir, "v1", &env.registry, &format!("fixtures/{name}"), "v1");
+    let _ = std::fs::remove_dir_all(&dir);
+    format!("{}/fixtures/{name}:v1", env.registry)
+}
+
+/// The digests of an image's layer blobs, bottom first, as the registry serves its manifest.
+pub fn layer_digests(registry: &str, repo: &str, tag: &str) -> Vec<String> {
+    let (status, _, body) = curl(&[
+        "-H",
+        "Accept: application/vnd.oci.image.manifest.v1+json",
+        &format!("http://{registry}/v2/{repo}/manifests/{tag}"),
+    ]);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let m: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    m["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["digest"].as_str().unwrap().to_string())
+        .collect()
 }
 
 /// One line per path of a container's exported file system: path, type, mode, uid, gid, size,
