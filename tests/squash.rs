@@ -12,33 +12,44 @@ use serde_json::{json, Value};
 
 /// Fetches the squash of `reference` with curl into a file; returns its path.
 fn fetch(server: &Server, reference: &str, query: &str) -> PathBuf {
-    let file = scratch(&format!("out-{}", rand_suffix())).join("image.tar");
+    let dir = scratch(&format!("out-{}", rand_suffix()));
+    let (file, headers) = (dir.join("image.tar"), dir.join("headers"));
     let url = format!("{}/squash/{reference}{query}", server.url);
-    let (status, headers, body) = curl(&["-f", &url]);
-    assert_eq!(status, 200, "{url}: {}", String::from_utf8_lossy(&body));
-    let length: usize = header_value(&headers, "content-length")
+    let out = Command::new("curl")
+        .args(["-sS", "-f", "-D"])
+        .arg(&headers)
+        .arg("-o")
+        .arg(&file)
+        .arg(&url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{url}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let headers = std::fs::read_to_string(&headers).unwrap();
+    let length: u64 = header_value(&headers, "content-length")
         .unwrap()
         .parse()
         .unwrap();
-    assert_eq!(length, body.len());
+    assert_eq!(length, std::fs::metadata(&file).unwrap().len());
     assert_eq!(
         header_value(&headers, "content-type").as_deref(),
         Some("application/x-tar")
     );
-    std::fs::write(&file, body).unwrap();
     file
 }
 
 /// The squash of `reference`, loaded by docker under `tag`, must list exactly what `docker pull` gives.
 fn check_against_oracle(env: &Env, reference: &str, tag: &str) -> PathBuf {
-    check_against_twin(env, reference, reference, tag)
+    check_against_twin(shared_server(&env.registry), reference, reference, tag)
 }
 
 /// Same, with the oracle pulled from `twin`: an image with the same uncompressed layers (so the same
 /// file system and config), for inputs the test daemon cannot pull itself.
-fn check_against_twin(env: &Env, reference: &str, twin: &str, tag: &str) -> PathBuf {
+fn check_against_twin(server: &Server, reference: &str, twin: &str, tag: &str) -> PathBuf {
     let want = oracle(twin);
-    let server = shared_server(&env.registry);
     let file = fetch(server, reference, &format!("?tag={tag}"));
     let out = run(docker().arg("load").arg("-i").arg(&file));
     assert!(
@@ -327,7 +338,12 @@ fn compressions_match_docker_pull() {
     let Some(env) = env() else { return };
     let r = publish(&env, "compression", compression(false));
     let twin = publish(&env, "compression-gzip", compression(true));
-    check_against_twin(&env, &r, &twin, "strata-test/compression:squashed");
+    check_against_twin(
+        shared_server(&env.registry),
+        &r,
+        &twin,
+        "strata-test/compression:squashed",
+    );
 }
 
 fn multiarch() -> Vec<Image> {
@@ -516,4 +532,34 @@ fn errors_before_the_first_byte_are_json() {
             "{path}: {v}"
         );
     }
+}
+
+/// Past 4 GiB the gzip trailer's ISIZE wraps, and a tar size field needs all its octal digits: the
+/// layer must come through whole all the same, with memory flat.
+#[test]
+fn a_layer_over_4_gib_matches_docker_pull() {
+    let Some(env) = env() else { return };
+    let size = (4u64 << 30) + (1 << 20) + 123;
+    let image = Image::new(vec![
+        (
+            Layer::new()
+                .dir("big", 0o755)
+                .file("big/before", 0o644, b"before")
+                .zeros_file("big/zeros", size),
+            Comp::Gzip,
+        ),
+        (Layer::new().file("big/after", 0o644, b"after"), Comp::Gzip),
+    ]);
+    let r = publish(&env, "over-4gib", vec![image]);
+    let server = Server::start(&env.registry, &[]);
+    let tag = "strata-test/over-4gib:squashed";
+    let file = check_against_twin(&server, &r, &r, tag);
+    eprintln!(
+        "over-4gib: {} bytes squashed; strata server peak RSS {} KiB",
+        std::fs::metadata(&file).unwrap().len(),
+        server.peak_rss_kib()
+    );
+    // Several GiB each: give the disk back to the other tests.
+    let _ = std::fs::remove_file(&file);
+    let _ = docker().args(["rmi", "-f", tag, &r]).output();
 }

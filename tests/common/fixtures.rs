@@ -23,6 +23,9 @@ pub enum Comp {
 #[derive(Default, Clone)]
 pub struct Layer {
     tar: Vec<u8>,
+    /// A file of zeros too large to hold in memory, streamed after `tar` when the blob is written:
+    /// (path, size).
+    zeros: Option<(String, u64)>,
 }
 
 /// `Builder::into_inner` ends the archive with two zero blocks; entries are concatenated without them.
@@ -147,7 +150,36 @@ impl Layer {
         self
     }
 
+    /// Ends the layer with a file of `size` zeros, generated while the blob is written (gzip only).
+    pub fn zeros_file(mut self, path: &str, size: u64) -> Layer {
+        self.zeros = Some((path.to_string(), size));
+        self
+    }
+
+    /// Streams the layer tar, end-of-archive blocks included.
+    fn write_tar<W: Write>(&self, out: &mut W) {
+        out.write_all(&self.tar).unwrap();
+        if let Some((path, size)) = &self.zeros {
+            let mut h = header(tar::EntryType::Regular, 0o644, *size);
+            h.set_path(path).unwrap();
+            h.set_cksum();
+            out.write_all(h.as_bytes()).unwrap();
+            let block = vec![0u8; 1 << 20];
+            let mut left = size.div_ceil(512) * 512;
+            while left > 0 {
+                let n = left.min(block.len() as u64) as usize;
+                out.write_all(&block[..n]).unwrap();
+                left -= n as u64;
+            }
+        }
+        out.write_all(&[0u8; 1024]).unwrap();
+    }
+
     pub fn tar_bytes(&self) -> Vec<u8> {
+        assert!(
+            self.zeros.is_none(),
+            "streamed layers have no tar in memory"
+        );
         let mut t = self.tar.clone();
         t.extend_from_slice(&[0u8; 1024]);
         t
@@ -188,6 +220,50 @@ pub fn sha(data: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(data)))
 }
 
+/// Counts and hashes what passes through.
+struct Hashing<W> {
+    inner: W,
+    hash: Sha256,
+    len: u64,
+}
+
+impl<W: Write> Write for Hashing<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hash.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Writes a layer too large for memory as a gzip blob: (blob digest, blob size, diff_id).
+fn write_streamed(layer: &Layer, blobs: &Path) -> (String, u64, String) {
+    let tmp = blobs.join("streaming.tmp");
+    let file = Hashing {
+        inner: std::io::BufWriter::new(std::fs::File::create(&tmp).unwrap()),
+        hash: Sha256::new(),
+        len: 0,
+    };
+    let gz = flate2::GzBuilder::new()
+        .mtime(0)
+        .write(file, flate2::Compression::fast());
+    let mut tar = Hashing {
+        inner: gz,
+        hash: Sha256::new(),
+        len: 0,
+    };
+    layer.write_tar(&mut tar);
+    let diff_id = format!("sha256:{}", hex::encode(tar.hash.finalize()));
+    let mut file = tar.inner.finish().unwrap();
+    file.flush().unwrap();
+    let digest = format!("sha256:{}", hex::encode(file.hash.finalize()));
+    std::fs::rename(&tmp, blobs.join(&digest[7..])).unwrap();
+    (digest, file.len, diff_id)
+}
+
 /// An image: layers (bottom first) and the `config` part of its config.
 pub struct Image {
     pub layers: Vec<(Layer, Comp)>,
@@ -216,6 +292,12 @@ impl Image {
         let mut descs = Vec::new();
         let mut diff_ids = Vec::new();
         for (layer, comp) in &self.layers {
+            if layer.zeros.is_some() {
+                let (digest, size, diff_id) = write_streamed(layer, &blobs);
+                diff_ids.push(diff_id);
+                descs.push(json!({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": digest, "size": size}));
+                continue;
+            }
             let tar = layer.tar_bytes();
             diff_ids.push(sha(&tar));
             let (blob, media) = compress(&tar, *comp);

@@ -134,8 +134,10 @@ pub fn listing<R: Read>(tar: R) -> BTreeMap<String, String> {
             .link_name_bytes()
             .map(|l| String::from_utf8_lossy(&l).into_owned())
             .unwrap_or_default();
-        let mut data = Vec::new();
-        e.read_to_end(&mut data).unwrap();
+        // Hashed as it streams: fixtures hold files of several GiB.
+        let mut hasher = Sha256::new();
+        let len = std::io::copy(&mut e, &mut hasher).unwrap() as usize;
+        let digest = hasher.finalize();
         let (t, hash, size) = match kind {
             tar::EntryType::Link => {
                 let target = link.trim_start_matches("./").to_string();
@@ -146,14 +148,14 @@ pub fn listing<R: Read>(tar: R) -> BTreeMap<String, String> {
                 ("file".to_string(), c, 0)
             }
             _ => {
-                let c = hex::encode(Sha256::digest(&data));
+                let c = hex::encode(digest);
                 if kind.is_file() {
                     content_of.insert(path.clone(), c.clone());
                 }
                 (
                     format!("{kind:?}"),
                     if kind.is_file() { c } else { String::new() },
-                    data.len(),
+                    len,
                 )
             }
         };
@@ -240,6 +242,18 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    /// The server process's peak resident set size so far (VmHWM).
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
     }
 }
 
