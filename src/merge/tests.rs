@@ -209,22 +209,55 @@ impl L {
     }
 }
 
-/// Merges layers (bottom first) through the real tar path and checks it against the model.
-fn check(layers: &[L]) -> Fs {
-    let tars: Vec<Vec<u8>> = layers.iter().map(L::tar).collect();
+/// A reader that hands out 1 to 13 bytes per call, the way a network stream may (tar-rs `RandomReader`).
+struct ShortReads<'a> {
+    data: &'a [u8],
+    step: usize,
+}
+
+impl Read for ShortReads<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.step = self.step % 13 + 1;
+        let n = self.step.min(buf.len()).min(self.data.len());
+        buf[..n].copy_from_slice(&self.data[..n]);
+        self.data = &self.data[n..];
+        Ok(n)
+    }
+}
+
+/// Scans and merges the layer tars (bottom first), each read whole or in short reads.
+fn merge_all(tars: &[Vec<u8>], short: bool) -> (Vec<Vec<Item>>, Vec<u8>) {
+    fn input(t: &[u8], short: bool) -> Box<dyn Read + '_> {
+        if short {
+            Box::new(ShortReads { data: t, step: 0 })
+        } else {
+            Box::new(t)
+        }
+    }
     let summaries: Vec<Vec<Item>> = tars
         .iter()
-        .map(|t| summary::scan(&t[..]).unwrap())
+        .map(|t| summary::scan(input(t, short)).unwrap())
         .collect();
     let mut merger = Merger::new();
     let mut sink = TarSink(Vec::new());
     for (depth, (tar, items)) in tars.iter().zip(&summaries).rev().enumerate() {
         merger.begin_layer(depth as u32, LayerHints::from_items(items));
-        merge_tar(&mut merger, &tar[..], &mut sink).unwrap();
+        merge_tar(&mut merger, input(tar, short), &mut sink).unwrap();
     }
     merger.finish(&mut sink).unwrap();
     let mut out = sink.0;
     write_end(&mut out).unwrap();
+    (summaries, out)
+}
+
+/// Merges layers (bottom first) through the real tar path and checks it against the model.
+fn check(layers: &[L]) -> Fs {
+    let tars: Vec<Vec<u8>> = layers.iter().map(L::tar).collect();
+    let (summaries, out) = merge_all(&tars, false);
+    assert!(
+        merge_all(&tars, true).1 == out,
+        "short reads must give the same output"
+    );
     let refs: Vec<&[Item]> = summaries.iter().map(|s| &s[..]).collect();
     assert_eq!(
         summary::merged_size(&refs).unwrap(),
