@@ -363,14 +363,26 @@ fn multiarch() -> Vec<Image> {
 #[test]
 fn multiarch_picks_the_platform_and_404s_otherwise() {
     let Some(env) = env() else { return };
-    let r = publish(&env, "multiarch", multiarch());
+    check_multiarch(&env, &publish(&env, "multiarch", multiarch()));
+}
+
+/// Docker's own manifest types: a schema 2 manifest list over schema 2 manifests.
+#[test]
+fn docker_schema2_manifests_and_lists_are_read() {
+    let Some(env) = env() else { return };
+    check_multiarch(&env, &publish_as(&env, "v2s2-list", multiarch(), "v2s2"));
+    let r = publish_as(&env, "v2s2", basic(), "v2s2");
+    check_against_oracle(&env, &r, "strata-test/v2s2:squashed");
+}
+
+fn check_multiarch(env: &Env, r: &str) {
     let server = shared_server(&env.registry);
     for (platform, content) in [
         ("linux/amd64", "amd64"),
         ("linux/arm64", "arm64"),
         ("linux/arm64/v8", "arm64"),
     ] {
-        let file = fetch(server, &r, &format!("?platform={platform}"));
+        let file = fetch(server, r, &format!("?platform={platform}"));
         let tar = std::fs::read(&file).unwrap();
         let mut outer = tar::Archive::new(&tar[..]);
         let mut layer = Vec::new();

@@ -67,24 +67,45 @@ pub fn scratch(name: &str) -> PathBuf {
     dir
 }
 
-/// Pushes an OCI layout to the registry as `repo:tag`, blobs unchanged.
-pub fn push(layout: &Path, tag_in_layout: &str, registry: &str, repo: &str, tag: &str) {
-    run(Command::new("skopeo").args([
-        "copy",
-        "--quiet",
-        "--all",
-        "--preserve-digests",
-        "--dest-tls-verify=false",
+/// Pushes an OCI layout to the registry as `repo:tag`, blobs unchanged; `format` `v2s2` converts the
+/// manifests (and index) to Docker's schema 2 types.
+pub fn push(
+    layout: &Path,
+    tag_in_layout: &str,
+    registry: &str,
+    repo: &str,
+    tag: &str,
+    format: &str,
+) {
+    let mut cmd = Command::new("skopeo");
+    cmd.args(["copy", "--quiet", "--all", "--dest-tls-verify=false"]);
+    match format {
+        "oci" => cmd.arg("--preserve-digests"),
+        other => cmd.args(["--format", other]),
+    };
+    run(cmd.args([
         &format!("oci:{}:{tag_in_layout}", layout.display()),
         &format!("docker://{registry}/{repo}:{tag}"),
     ]));
 }
 
-/// Pushes `images` as `fixtures/<name>:v1`; returns the reference.
+/// Pushes `images` as `fixtures/<name>:v1` with OCI manifests; returns the reference.
 pub fn publish(env: &Env, name: &str, images: Vec<fixtures::Image>) -> String {
+    publish_as(env, name, images, "oci")
+}
+
+/// Same, with the manifest format `oci` or `v2s2` (Docker schema 2 manifests and manifest list).
+pub fn publish_as(env: &Env, name: &str, images: Vec<fixtures::Image>, format: &str) -> String {
     let dir = scratch(&format!("layout-{name}"));
     fixtures::write_layout(&dir, &images, "v1");
-    push(&dir, "v1", &env.registry, &format!("fixtures/{name}"), "v1");
+    push(
+        &dir,
+        "v1",
+        &env.registry,
+        &format!("fixtures/{name}"),
+        "v1",
+        format,
+    );
     let _ = std::fs::remove_dir_all(&dir);
     format!("{}/fixtures/{name}:v1", env.registry)
 }
