@@ -257,6 +257,8 @@ pub struct Server {
     child: Child,
     pub url: String,
     pub cache: PathBuf,
+    /// Everything the server logged so far.
+    pub log: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
 impl Drop for Server {
@@ -284,6 +286,11 @@ pub fn strata() -> Command {
 
 impl Server {
     pub fn start(registry: &str, extra: &[&str]) -> Server {
+        Server::start_logging(registry, extra, "warn")
+    }
+
+    /// Starts a server with `RUST_LOG` set to `filter`.
+    pub fn start_logging(registry: &str, extra: &[&str], filter: &str) -> Server {
         let cache = scratch(&format!("cache-{}", rand_suffix()));
         let mut child = strata()
             .args([
@@ -296,7 +303,7 @@ impl Server {
             ])
             .arg(&cache)
             .args(extra)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", filter)
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
@@ -313,14 +320,22 @@ impl Server {
             }
         };
         // Keep draining stderr so the server never blocks on a full pipe.
+        let log = std::sync::Arc::new(std::sync::Mutex::new(line.clone()));
+        let kept = log.clone();
         std::thread::spawn(move || {
             let mut sink = String::new();
             while stderr.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
                 eprint!("[strata] {sink}");
+                kept.lock().unwrap().push_str(&sink);
                 sink.clear();
             }
         });
-        Server { child, url, cache }
+        Server {
+            child,
+            url,
+            cache,
+            log,
+        }
     }
 }
 
