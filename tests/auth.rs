@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use common::fixtures::{write_layout, Comp, Image, Layer};
+use common::proxy::{Fault, Outcome, Proxy};
 use common::*;
 use serde_json::Value;
 
@@ -31,7 +32,7 @@ impl Drop for PrivateRegistry {
 
 impl PrivateRegistry {
     fn start() -> PrivateRegistry {
-        let dir = scratch("private-registry");
+        let dir = scratch(&format!("private-registry-{}", rand_suffix()));
         let hash = bcrypt::hash(PASSWORD, 4).unwrap();
         std::fs::write(dir.join("htpasswd"), format!("{USER}:{hash}\n")).unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -138,6 +139,68 @@ fn private_images_need_the_callers_own_credentials() {
     assert!(
         !log.contains(PASSWORD) && !log.contains(&basic),
         "credentials in the log: {log}"
+    );
+}
+
+/// Registries backed by object storage answer blob requests with a redirect to another host; strata
+/// follows it without the caller's credentials, which are for the registry alone.
+#[test]
+fn blob_redirects_to_another_host_carry_no_credentials() {
+    let Some(_env) = env() else { return };
+    let registry = PrivateRegistry::start();
+    let layout = scratch("redirect-layout");
+    let image = Image::new(vec![
+        (Layer::new().file("a", 0o644, b"a"), Comp::Gzip),
+        (Layer::new().file("b", 0o644, b"b"), Comp::Gzip),
+    ]);
+    write_layout(&layout, &[image], "v1");
+    let creds = format!("{USER}:{PASSWORD}");
+    run(Command::new("skopeo")
+        .args([
+            "copy",
+            "--quiet",
+            "--preserve-digests",
+            "--dest-tls-verify=false",
+        ])
+        .args(["--dest-creds", &creds])
+        .arg(format!("oci:{}:v1", layout.display()))
+        .arg(format!("docker://{}/private/redirected:v1", registry.addr)));
+
+    // `front` is the registry strata knows; `storage` the other host its blobs redirect to, which lets
+    // requests in on its own authority, as a presigned URL would.
+    let front = Proxy::start(&registry.addr);
+    let storage = Proxy::start(&registry.addr);
+    let basic = base64::engine::general_purpose::STANDARD.encode(&creds);
+    storage.authorize_upstream(&format!("Basic {basic}"));
+    front.rule("/blobs/", Fault::Redirect(storage.addr.clone()), None);
+
+    let server = Server::start(&front.addr, &[]);
+    let url = format!("{}/squash/{}/private/redirected:v1", server.url, front.addr);
+    let (status, headers, body) = curl(&["-f", "-u", &creds, &url]);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(
+        header_value(&headers, "content-length").unwrap(),
+        body.len().to_string()
+    );
+
+    let redirected = storage.requests("/blobs/");
+    assert!(
+        redirected.len() >= 3,
+        "config and two layers: {redirected:?}"
+    );
+    for r in &redirected {
+        assert_eq!(
+            r.authorization, None,
+            "credentials sent to another host: {r:?}"
+        );
+        assert_eq!(r.outcome, Outcome::Complete, "{r:?}");
+    }
+    assert!(
+        front
+            .requests("/manifests/")
+            .iter()
+            .any(|r| r.authorization.is_some()),
+        "the registry itself did get the credentials"
     );
 }
 

@@ -20,6 +20,9 @@ pub enum Fault {
     Corrupt(usize),
     /// Answer with this status and an empty body instead of asking the registry.
     Status(u16),
+    /// Answer `307` to the same path on this other host (`host:port`), as registries backed by object
+    /// storage do for blobs.
+    Redirect(String),
 }
 
 #[derive(Debug, Clone)]
@@ -47,6 +50,8 @@ pub enum Outcome {
 pub struct Request {
     pub method: String,
     pub path: String,
+    /// The `Authorization` header the request came with.
+    pub authorization: Option<String>,
     pub started: Instant,
     pub ended: Option<Instant>,
     pub body_bytes: u64,
@@ -57,6 +62,8 @@ pub struct Request {
 struct State {
     rules: Vec<Rule>,
     log: Vec<Request>,
+    /// Sent upstream in place of the client's `Authorization`, as a presigned URL carries its own.
+    authorization: Option<String>,
 }
 
 pub struct Proxy {
@@ -93,6 +100,11 @@ impl Proxy {
         });
     }
 
+    /// Forwards every request with this `Authorization` header instead of the client's.
+    pub fn authorize_upstream(&self, value: &str) {
+        self.state.lock().unwrap().authorization = Some(value.to_string());
+    }
+
     pub fn clear_rules(&self) {
         self.state.lock().unwrap().rules.clear();
     }
@@ -121,15 +133,31 @@ fn read_head(stream: &mut TcpStream) -> io::Result<Vec<u8>> {
     Ok(head)
 }
 
-/// The head with any `Connection` header replaced by `Connection: close`.
-fn closing(head: &[u8]) -> Vec<u8> {
+/// The value of header `name` in a head.
+fn header(head: &[u8], name: &str) -> Option<String> {
+    String::from_utf8_lossy(head).split("\r\n").find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| v.trim().to_string())
+    })
+}
+
+/// The head with any `Connection` header replaced by `Connection: close`, and the `Authorization`
+/// header replaced by `authorization` when one is given.
+fn closing(head: &[u8], authorization: Option<&str>) -> Vec<u8> {
     let text = String::from_utf8_lossy(head);
     let mut out = String::new();
     for line in text.split("\r\n").filter(|l| !l.is_empty()) {
-        if !line.to_ascii_lowercase().starts_with("connection:") {
+        let lower = line.to_ascii_lowercase();
+        let replaced = authorization.is_some() && lower.starts_with("authorization:");
+        if !lower.starts_with("connection:") && !replaced {
             out.push_str(line);
             out.push_str("\r\n");
         }
+    }
+    if let Some(value) = authorization {
+        out.push_str(&format!("Authorization: {value}\r\n"));
     }
     out.push_str("Connection: close\r\n\r\n");
     out.into_bytes()
@@ -147,7 +175,7 @@ fn serve(mut client: TcpStream, upstream: &str, state: &Mutex<State>) {
     let mut parts = line.split(' ');
     let method = parts.next().unwrap_or_default().to_string();
     let path = parts.next().unwrap_or_default().to_string();
-    let (index, fault) = {
+    let (index, fault, authorization) = {
         let mut s = state.lock().unwrap();
         let fault = s
             .rules
@@ -161,15 +189,23 @@ fn serve(mut client: TcpStream, upstream: &str, state: &Mutex<State>) {
             });
         s.log.push(Request {
             method,
-            path,
+            path: path.clone(),
+            authorization: header(&head, "authorization"),
             started: Instant::now(),
             ended: None,
             body_bytes: 0,
             outcome: Outcome::InProgress,
         });
-        (s.log.len() - 1, fault)
+        (s.log.len() - 1, fault, s.authorization.clone())
     };
-    let (bytes, outcome) = forward(&mut client, &head, upstream, fault);
+    let (bytes, outcome) = forward(
+        &mut client,
+        &head,
+        &path,
+        upstream,
+        fault,
+        authorization.as_deref(),
+    );
     let _ = client.shutdown(Shutdown::Both);
     let mut s = state.lock().unwrap();
     let r = &mut s.log[index];
@@ -181,10 +217,19 @@ fn serve(mut client: TcpStream, upstream: &str, state: &Mutex<State>) {
 fn forward(
     client: &mut TcpStream,
     head: &[u8],
+    path: &str,
     upstream: &str,
     fault: Option<Fault>,
+    authorization: Option<&str>,
 ) -> (u64, Outcome) {
-    match fault {
+    match &fault {
+        Some(Fault::Redirect(host)) => {
+            let resp = format!(
+                "HTTP/1.1 307 Temporary Redirect\r\nLocation: http://{host}{path}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+            let _ = client.write_all(resp.as_bytes());
+            return (0, Outcome::Cut);
+        }
         Some(Fault::Status(code)) => {
             let resp = format!(
                 "HTTP/1.1 {code} Injected\r\nContent-Length: 0\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
@@ -192,19 +237,19 @@ fn forward(
             let _ = client.write_all(resp.as_bytes());
             return (0, Outcome::Cut);
         }
-        Some(Fault::Stall(d)) => std::thread::sleep(d),
+        Some(Fault::Stall(d)) => std::thread::sleep(*d),
         _ => {}
     }
     let Ok(mut reg) = TcpStream::connect(upstream) else {
         return (0, Outcome::UpstreamError);
     };
-    if reg.write_all(&closing(head)).is_err() {
+    if reg.write_all(&closing(head, authorization)).is_err() {
         return (0, Outcome::UpstreamError);
     }
     let Ok(resp_head) = read_head(&mut reg) else {
         return (0, Outcome::UpstreamError);
     };
-    if client.write_all(&closing(&resp_head)).is_err() {
+    if client.write_all(&closing(&resp_head, None)).is_err() {
         return (0, Outcome::ClientGone);
     }
     let mut sent = 0u64;
