@@ -22,12 +22,12 @@ use crate::digest::Digest;
 use crate::entry::{self, Item};
 use crate::format::docker_archive::{DockerArchive, LayerWriter, SizeExceeded};
 use crate::layer;
-use crate::manifest::{self, Platform, ResolvedImage};
+use crate::manifest::{self, LayerDescriptor, Platform, ResolvedImage};
 use crate::merge::{merge_tar, LayerHints, MergeError, Merger, TarSink};
 use crate::oci_layout::OciLayout;
 use crate::reference::Reference;
 use crate::registry::{self, Credentials};
-use crate::source::{Source, SourceError};
+use crate::source::{read_ahead, BlobStream, Source, SourceError};
 use crate::summary::{self, Store};
 
 /// What a caller asks for.
@@ -304,6 +304,7 @@ impl Converter {
                         .blob(&reference, &layer.digest, layer.size, &credentials)
                         .await
                         .map_err(source_error)?;
+                    let stream = read_ahead(stream);
                     let handle = Handle::current();
                     let items = tokio::task::spawn_blocking(move || {
                         let reader =
@@ -367,10 +368,7 @@ impl Job {
         let span = tracing::info_span!("squash", image = %self.reference, manifest = %self.image.manifest_digest);
         tokio::task::spawn_blocking(move || {
             let _enter = span.enter();
-            let mut out = ChannelWriter {
-                tx: tx.clone(),
-                buf: BytesMut::with_capacity(CHUNK),
-            };
+            let mut out = ChannelWriter::new(tx.clone());
             let result = self.run(&mut out, &handle).and_then(|()| out.flush());
             if let Err(e) = result {
                 if e.get_ref().is_some_and(|inner| inner.is::<SizeExceeded>()) {
@@ -394,27 +392,44 @@ impl Job {
         Box::pin(ReceiverStream::new(rx))
     }
 
+    /// Starts fetching a layer on the runtime: the request, then [`read_ahead`].
+    fn fetch(&self, layer: &LayerDescriptor, handle: &Handle) -> Fetch {
+        let (source, reference, credentials) = (
+            self.source.clone(),
+            self.reference.clone(),
+            self.credentials.clone(),
+        );
+        let (digest, size) = (layer.digest.clone(), layer.size);
+        Fetch(handle.spawn(async move {
+            let stream = source
+                .blob(&reference, &digest, size, &credentials)
+                .await
+                .map_err(|e| io::Error::other(format!("layer {digest}: {e}")))?;
+            Ok(read_ahead(stream))
+        }))
+    }
+
     fn run(&self, out: &mut ChannelWriter, handle: &Handle) -> io::Result<()> {
         self.archive.write_head(out)?;
         // The first byte leaves now, not when a chunk fills: the client learns the transfer has begun.
         out.flush()?;
+        let start = out.position();
+        out.digest_range(start, self.archive.layer_size());
         let mut layer_out = LayerWriter::new(&mut *out, self.archive.layer_size());
         let mut sink = TarSink(&mut layer_out);
         let mut merger = Merger::new();
-        for (depth, (layer, hints)) in self.image.layers.iter().zip(&self.hints).rev().enumerate() {
+        let layers: Vec<_> = self.image.layers.iter().zip(&self.hints).rev().collect();
+        // One layer is fetched ahead: its request and first chunks overlap the merge of the one above.
+        let mut next = layers.first().map(|(layer, _)| self.fetch(layer, handle));
+        for (depth, (layer, hints)) in layers.iter().enumerate() {
             let _span =
                 tracing::debug_span!("layer", digest = %layer.digest, size = layer.size).entered();
-            merger.begin_layer(depth as u32, hints.clone());
-            // What is ready goes out while the next layer's fetch waits on the network.
+            merger.begin_layer(depth as u32, (*hints).clone());
+            // What is ready goes out while this layer's fetch may still wait on the network.
             sink.0.flush()?;
-            let stream = handle
-                .block_on(self.source.blob(
-                    &self.reference,
-                    &layer.digest,
-                    layer.size,
-                    &self.credentials,
-                ))
-                .map_err(|e| io::Error::other(format!("layer {}: {e}", layer.digest)))?;
+            let this = next.take().expect("fetched ahead");
+            next = layers.get(depth + 1).map(|(l, _)| self.fetch(l, handle));
+            let stream = this.wait(handle)?;
             let reader = SyncIoBridge::new_with_handle(StreamReader::new(stream), handle.clone());
             let tar = layer::decompress(
                 layer.compression,
@@ -424,8 +439,26 @@ impl Job {
         }
         merger.finish(&mut sink).map_err(io::Error::from)?;
         entry::write_end(&mut sink.0)?;
-        let (_, diff_id) = layer_out.finish()?;
+        layer_out.finish()?;
+        let diff_id = out.range_digest()?;
         self.archive.write_tail(out, &diff_id)
+    }
+}
+
+/// A layer fetch started on the runtime; aborted if dropped before it is waited for.
+struct Fetch(tokio::task::JoinHandle<io::Result<BlobStream>>);
+
+impl Fetch {
+    fn wait(mut self, handle: &Handle) -> io::Result<BlobStream> {
+        handle
+            .block_on(&mut self.0)
+            .map_err(|e| io::Error::other(format!("layer fetch failed: {e}")))?
+    }
+}
+
+impl Drop for Fetch {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -443,18 +476,95 @@ fn layer_error_io(digest: &Digest, e: MergeError) -> io::Error {
 
 /// `Write` into the body channel, in [`CHUNK`]-sized pieces. A closed channel (the client went away)
 /// is a `BrokenPipe`, which stops the merge and with it the upstream fetches.
+///
+/// It can also digest one range of what it sends (the layer member, for its diff_id) on a thread of
+/// its own: the chunks are shared, not copied, and SHA-256 leaves the merge thread.
 struct ChannelWriter {
     tx: mpsc::Sender<io::Result<Bytes>>,
     buf: BytesMut,
+    /// Bytes sent so far.
+    sent: u64,
+    digest: Option<RangeDigest>,
+}
+
+/// Chunks queued for the digest thread; it keeps pace with the body, so a few suffice.
+const DIGEST_DEPTH: usize = 4;
+
+struct RangeDigest {
+    start: u64,
+    end: u64,
+    tx: std::sync::mpsc::SyncSender<Bytes>,
+    thread: std::thread::JoinHandle<Sha256>,
 }
 
 impl ChannelWriter {
+    fn new(tx: mpsc::Sender<io::Result<Bytes>>) -> Self {
+        ChannelWriter {
+            tx,
+            buf: BytesMut::with_capacity(CHUNK),
+            sent: 0,
+            digest: None,
+        }
+    }
+
+    /// Stream offset of the next byte written.
+    fn position(&self) -> u64 {
+        self.sent + self.buf.len() as u64
+    }
+
+    /// Digests `len` bytes from stream offset `start`, which must not have been sent yet.
+    fn digest_range(&mut self, start: u64, len: u64) {
+        assert!(start >= self.sent, "range already sent");
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Bytes>(DIGEST_DEPTH);
+        let thread = std::thread::Builder::new()
+            .name("strata-digest".into())
+            .spawn(move || {
+                let mut hasher = Sha256::new();
+                for chunk in rx {
+                    hasher.update(&chunk);
+                }
+                hasher
+            })
+            .expect("a thread can be started");
+        self.digest = Some(RangeDigest {
+            start,
+            end: start + len,
+            tx,
+            thread,
+        });
+    }
+
+    /// `sha256:…` of the range, once all of it has been written.
+    fn range_digest(&mut self) -> io::Result<String> {
+        let range = self.digest.as_ref().expect("a range is being digested");
+        if self.position() < range.end {
+            return Err(io::Error::other("digest range not fully written"));
+        }
+        self.send()?;
+        let RangeDigest { tx, thread, .. } = self.digest.take().expect("checked above");
+        drop(tx);
+        let hasher = thread
+            .join()
+            .map_err(|_| io::Error::other("digest thread panicked"))?;
+        Ok(format!("sha256:{}", hex::encode(hasher.finalize())))
+    }
+
     fn send(&mut self) -> io::Result<()> {
         if self.buf.is_empty() {
             return Ok(());
         }
         let chunk = self.buf.split().freeze();
         self.buf.reserve(CHUNK);
+        let offset = self.sent;
+        self.sent += chunk.len() as u64;
+        if let Some(d) = &self.digest {
+            let from = d.start.clamp(offset, self.sent) - offset;
+            let to = d.end.clamp(offset, self.sent) - offset;
+            if from < to {
+                d.tx.send(chunk.slice(from as usize..to as usize))
+                    .map_err(|_| io::Error::other("digest thread ended early"))?;
+            }
+        }
         self.tx
             .blocking_send(Ok(chunk))
             .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "client went away"))

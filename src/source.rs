@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use futures::Stream;
+use futures::{Stream, StreamExt};
 
 use crate::digest::{Digest, Verifier};
 use crate::oci_layout::OciLayout;
@@ -59,6 +59,32 @@ impl Source {
             Source::Layout(l) => l.blob(digest, size).await,
         }
     }
+}
+
+/// Chunks of a blob read ahead of its consumer. Registry chunks are a few KiB to a few dozen, so this
+/// keeps well under a MiB per blob in flight while the network and the digest check run ahead.
+const READ_AHEAD_CHUNKS: usize = 32;
+
+/// Drives a blob's stream on a task of its own, at most [`READ_AHEAD_CHUNKS`] ahead of the returned
+/// stream. The network reads and the digest check (in the stream) then run beside the decompressor
+/// that consumes it, on another core. The task ends when the returned stream is dropped, even while
+/// the upstream is silent, and with it the upstream connection.
+pub fn read_ahead(mut inner: BlobStream) -> BlobStream {
+    let (tx, rx) = tokio::sync::mpsc::channel(READ_AHEAD_CHUNKS);
+    tokio::spawn(async move {
+        loop {
+            let item = tokio::select! {
+                item = inner.next() => item,
+                () = tx.closed() => return,
+            };
+            let Some(item) = item else { return };
+            let failed = item.is_err();
+            if tx.send(item).await.is_err() || failed {
+                return;
+            }
+        }
+    });
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
 /// Wraps a blob's byte stream: each chunk is hashed and counted, a silence longer than

@@ -157,11 +157,11 @@ fn split_tag(repo_tag: &str) -> Option<(&str, &str)> {
     Some((&repo_tag[..colon], &repo_tag[colon + 1..]))
 }
 
-/// Writes the layer member's content: counts and hashes it, refuses to exceed the size announced in its
-/// header, and pads it to that size at the end.
+/// Writes the layer member's content: counts it, refuses to exceed the size announced in its header,
+/// and pads it to that size at the end. Its digest (the diff_id) is taken by whoever receives the bytes,
+/// so the hashing can run on another thread.
 pub struct LayerWriter<W> {
     inner: W,
-    hasher: Sha256,
     written: u64,
     limit: u64,
 }
@@ -177,7 +177,6 @@ impl<W: Write> LayerWriter<W> {
     pub fn new(inner: W, limit: u64) -> Self {
         LayerWriter {
             inner,
-            hasher: Sha256::new(),
             written: 0,
             limit,
         }
@@ -187,12 +186,11 @@ impl<W: Write> LayerWriter<W> {
         self.written
     }
 
-    /// Pads to the announced size; returns the writer and the member's diff_id.
-    pub fn finish(mut self) -> io::Result<(W, String)> {
+    /// Pads to the announced size; returns the writer.
+    pub fn finish(mut self) -> io::Result<W> {
         let rest = self.limit - self.written;
         write_zeros(&mut self, rest)?;
-        let digest = format!("sha256:{}", hex::encode(self.hasher.finalize()));
-        Ok((self.inner, digest))
+        Ok(self.inner)
     }
 }
 
@@ -202,7 +200,6 @@ impl<W: Write> Write for LayerWriter<W> {
             return Err(io::Error::other(SizeExceeded { limit: self.limit }));
         }
         let n = self.inner.write(buf)?;
-        self.hasher.update(&buf[..n]);
         self.written += n as u64;
         Ok(n)
     }
@@ -238,9 +235,11 @@ mod tests {
     fn build(a: &DockerArchive, content: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
         a.write_head(&mut out).unwrap();
+        let start = out.len();
         let mut lw = LayerWriter::new(&mut out, a.layer_size());
         lw.write_all(content).unwrap();
-        let (_, diff_id) = lw.finish().unwrap();
+        lw.finish().unwrap();
+        let diff_id = format!("sha256:{}", hex::encode(Sha256::digest(&out[start..])));
         a.write_tail(&mut out, &diff_id).unwrap();
         out
     }
