@@ -61,9 +61,10 @@ impl Source {
     }
 }
 
-/// Chunks of a blob read ahead of its consumer. Registry chunks are a few KiB to a few dozen, so this
-/// keeps well under a MiB per blob in flight while the network and the digest check run ahead.
-const READ_AHEAD_CHUNKS: usize = 32;
+/// Chunks of a blob read ahead of its consumer: enough to keep the network and the digest check a
+/// step ahead (more bought no speed in the end-to-end bench), few enough that the chunks in flight,
+/// which hyper sizes up to a few hundred KiB, stay a few MiB per blob.
+const READ_AHEAD_CHUNKS: usize = 8;
 
 /// Drives a blob's stream on a task of its own, at most [`READ_AHEAD_CHUNKS`] ahead of the returned
 /// stream. The network reads and the digest check (in the stream) then run beside the decompressor
