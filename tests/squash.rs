@@ -489,6 +489,16 @@ fn cli_and_http_bytes_are_identical_and_reproducible() {
             "CLI ({cache}) and HTTP give the same bytes"
         );
     }
+    // Quay's spelling, against the default registry, names the same image.
+    let quay = Server::start(&env.registry, &["--default-registry", &env.registry]);
+    let short = std::fs::read(fetch(&quay, "fixtures/repro:v1", "")).unwrap();
+    let url = format!("{}/c1/squash/fixtures/repro/v1", quay.url);
+    let (status, _, c1) = curl(&["-f", &url]);
+    assert_eq!(status, 200, "{url}");
+    assert!(
+        c1 == short,
+        "/c1/squash/ns/repo/tag and /squash/ns/repo:tag give the same bytes"
+    );
     // HEAD: same headers, no body.
     let (status, headers, body) = curl(&["-I", &format!("{}/squash/{r}", server.url)]);
     assert_eq!(status, 200);
