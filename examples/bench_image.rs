@@ -2,8 +2,9 @@
 //! layout: six gzip layers, about 1.1 GiB uncompressed, ~60k small files plus large files, whiteouts
 //! and an opaque directory in the upper layers. Deterministic: same bytes every run.
 //!
-//! `cargo run --release --example bench_image -- DIR [SCALE]` (SCALE divides every size and count; 1 is
-//! the benchmark image).
+//! `cargo run --release --example bench_image -- DIR [SCALE] [big]` (SCALE divides every size and
+//! count; 1 is the benchmark image). With `big`: instead, one layer of 4.3 GiB uncompressed, mostly
+//! zeros, past the 4 GiB where gzip's ISIZE wraps.
 
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
@@ -52,6 +53,8 @@ impl Content {
 enum Entry {
     Dir(String),
     File(String, u64),
+    /// A file of zeros, streamed: it may be larger than memory.
+    Zeros(String, u64),
     Whiteout(String),
 }
 
@@ -92,6 +95,12 @@ fn write_layer(
                 h.set_size(0);
                 tar.append_data(&mut h, p, io::empty())?;
             }
+            Entry::Zeros(p, size) => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_mode(0o644);
+                h.set_size(size);
+                tar.append_data(&mut h, p, io::Read::take(io::repeat(0), size))?;
+            }
             Entry::File(p, size) => {
                 h.set_entry_type(tar::EntryType::Regular);
                 h.set_mode(0o644);
@@ -131,45 +140,57 @@ fn main() -> io::Result<()> {
     let mut args = std::env::args().skip(1);
     let dir = args.next().expect("usage: bench_image DIR [SCALE]");
     let scale: u64 = args.next().map_or(1, |s| s.parse().expect("SCALE"));
+    let big = args.next().as_deref() == Some("big");
     let dir = Path::new(&dir);
     let blobs = dir.join("blobs/sha256");
     std::fs::create_dir_all(&blobs)?;
     let mib = |n: u64| (n << 20) / scale;
     let n = |k: u64| k / scale;
 
-    let layers: Vec<Vec<Entry>> = vec![
-        // Base: a tree of small files.
-        std::iter::once(Entry::Dir("usr".into()))
-            .chain(small_files("usr", n(30_000), 1))
-            .collect(),
-        // Large files.
-        std::iter::once(Entry::Dir("opt".into()))
-            .chain((0..4).map(|i| Entry::File(format!("opt/big{i}"), mib(100))))
-            .collect(),
-        // More small files.
-        std::iter::once(Entry::Dir("var".into()))
-            .chain(small_files("var", n(30_000), 2))
-            .collect(),
-        std::iter::once(Entry::Dir("srv".into()))
-            .chain((0..2).map(|i| Entry::File(format!("srv/data{i}"), mib(150))))
-            .collect(),
-        // Deletions: a hundred directories of the base, one whole tree made opaque and refilled.
-        (0..n(100))
-            .map(|d| Entry::Whiteout(format!("usr/.wh.d{d:03}")))
-            .chain([
-                Entry::Dir("var".into()),
-                Entry::Whiteout("var/.wh..wh..opq".into()),
-            ])
-            .chain(small_files("var", n(2_000), 3))
-            .collect(),
-        // A large file replaced, another added.
+    let layers: Vec<Vec<Entry>> = if big {
+        // One layer past 4 GiB uncompressed, where gzip's ISIZE wraps: real content, then zeros.
+        vec![std::iter::once(Entry::Dir("big".into()))
+            .chain((0..2).map(|i| Entry::File(format!("big/data{i}"), mib(100))))
+            .chain(std::iter::once(Entry::Zeros(
+                "big/zeros".into(),
+                mib(4 << 10) + mib(64),
+            )))
+            .collect()]
+    } else {
         vec![
-            Entry::Dir("opt".into()),
-            Entry::Whiteout("opt/.wh.big3".into()),
-            Entry::File("opt/big0".into(), mib(50)),
-            Entry::File("opt/new".into(), mib(100)),
-        ],
-    ];
+            // Base: a tree of small files.
+            std::iter::once(Entry::Dir("usr".into()))
+                .chain(small_files("usr", n(30_000), 1))
+                .collect(),
+            // Large files.
+            std::iter::once(Entry::Dir("opt".into()))
+                .chain((0..4).map(|i| Entry::File(format!("opt/big{i}"), mib(100))))
+                .collect(),
+            // More small files.
+            std::iter::once(Entry::Dir("var".into()))
+                .chain(small_files("var", n(30_000), 2))
+                .collect(),
+            std::iter::once(Entry::Dir("srv".into()))
+                .chain((0..2).map(|i| Entry::File(format!("srv/data{i}"), mib(150))))
+                .collect(),
+            // Deletions: a hundred directories of the base, one whole tree made opaque and refilled.
+            (0..n(100))
+                .map(|d| Entry::Whiteout(format!("usr/.wh.d{d:03}")))
+                .chain([
+                    Entry::Dir("var".into()),
+                    Entry::Whiteout("var/.wh..wh..opq".into()),
+                ])
+                .chain(small_files("var", n(2_000), 3))
+                .collect(),
+            // A large file replaced, another added.
+            vec![
+                Entry::Dir("opt".into()),
+                Entry::Whiteout("opt/.wh.big3".into()),
+                Entry::File("opt/big0".into(), mib(50)),
+                Entry::File("opt/new".into(), mib(100)),
+            ],
+        ]
+    };
 
     let mut descs = Vec::new();
     let mut diff_ids = Vec::new();
