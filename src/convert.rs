@@ -27,7 +27,7 @@ use crate::merge::{merge_tar, LayerHints, MergeError, Merger, TarSink};
 use crate::oci_layout::OciLayout;
 use crate::reference::Reference;
 use crate::registry::{self, Credentials};
-use crate::source::{read_ahead, BlobStream, Source, SourceError};
+use crate::source::{read_ahead, BlobStream, Source, SourceError, TransferError};
 use crate::summary::{self, Store};
 
 /// What a caller asks for.
@@ -309,10 +309,7 @@ impl Converter {
                     let items = tokio::task::spawn_blocking(move || {
                         let reader =
                             SyncIoBridge::new_with_handle(StreamReader::new(stream), handle);
-                        summary::scan(layer::decompress(
-                            layer.compression,
-                            BufReader::with_capacity(READ_BUF, reader),
-                        ))
+                        scan_layer(layer.compression, reader)
                     })
                     .await
                     .map_err(|e| Error::Internal(e.to_string()))?
@@ -343,11 +340,49 @@ fn source_error(e: SourceError) -> Error {
 /// A layer that cannot be read: bad bytes are the image's fault, anything else the upstream's.
 fn layer_error(digest: &Digest, e: MergeError) -> Error {
     match e {
-        MergeError::Io(io) if io.kind() != io::ErrorKind::InvalidData => {
-            Error::Upstream(format!("layer {digest}: {io}"))
-        }
+        MergeError::Io(io) if !image_fault(&io) => Error::Upstream(format!("layer {digest}: {io}")),
         other => Error::InvalidImage(format!("layer {digest}: {other}")),
     }
+}
+
+/// Whether a read error is the layer's own fault (its compressed stream or the tar inside is broken
+/// or ends early) rather than its transfer's.
+fn image_fault(e: &io::Error) -> bool {
+    !caused_by::<TransferError>(e)
+}
+
+/// Scans a layer blob's decompressed tar into its summary. When the content is at fault, the rest of
+/// the blob is read first: bytes that miss their digest (which only the blob's end reveals) are the
+/// transfer's fault, and are reported as such rather than as a broken image.
+fn scan_layer(
+    compression: layer::Compression,
+    blob: impl io::Read + Send,
+) -> Result<Vec<Item>, MergeError> {
+    let mut raw = BufReader::with_capacity(READ_BUF, blob);
+    let result = summary::scan(layer::decompress(compression, &mut raw));
+    match result {
+        Err(MergeError::Io(e)) if !image_fault(&e) => Err(MergeError::Io(e)),
+        Err(content) => match io::copy(&mut raw, &mut io::sink()) {
+            Err(transfer) if caused_by::<TransferError>(&transfer) => Err(MergeError::Io(transfer)),
+            _ => Err(content),
+        },
+        ok => ok,
+    }
+}
+
+/// Whether an error of type `E` is somewhere in the chain of `e` (readers on the way wrap errors).
+fn caused_by<E: std::error::Error + 'static>(e: &io::Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = e.get_ref().map(|r| r as _);
+    while let Some(err) = cur {
+        if err.is::<E>() {
+            return true;
+        }
+        cur = match err.downcast_ref::<io::Error>() {
+            Some(io) => io.get_ref().map(|r| r as _),
+            None => err.source(),
+        };
+    }
+    false
 }
 
 /// The streaming half of a conversion, run on a blocking thread.
@@ -371,7 +406,7 @@ impl Job {
             let mut out = ChannelWriter::new(tx.clone());
             let result = self.run(&mut out, &handle).and_then(|()| out.flush());
             if let Err(e) = result {
-                if e.get_ref().is_some_and(|inner| inner.is::<SizeExceeded>()) {
+                if caused_by::<SizeExceeded>(&e) {
                     let blobs: Vec<String> = self
                         .image
                         .layers
@@ -431,6 +466,8 @@ impl Job {
             next = layers.get(depth + 1).map(|(l, _)| self.fetch(l, handle));
             let stream = this.wait(handle)?;
             let reader = SyncIoBridge::new_with_handle(StreamReader::new(stream), handle.clone());
+            // No `read_layer` here: once the response has started, any failure aborts it alike, and
+            // draining the blob would keep a fetch going after the client left.
             let tar = layer::decompress(
                 layer.compression,
                 BufReader::with_capacity(READ_BUF, reader),
@@ -465,7 +502,7 @@ impl Drop for Fetch {
 fn layer_error_io(digest: &Digest, e: MergeError) -> io::Error {
     match e {
         // Kept as it is: the job recognises it to forget the wrong size.
-        MergeError::Io(io) if io.get_ref().is_some_and(|inner| inner.is::<SizeExceeded>()) => io,
+        MergeError::Io(io) if caused_by::<SizeExceeded>(&io) => io,
         MergeError::Io(io) => io::Error::new(io.kind(), format!("layer {digest}: {io}")),
         other => io::Error::new(
             io::ErrorKind::InvalidData,

@@ -17,6 +17,9 @@ const OPAQUE: &[u8] = b".wh..wh..opq";
 const WHITEOUT: &[u8] = b".wh.";
 /// Name of the PAX extended header member; readers ignore it.
 const PAX_NAME: &[u8] = b"././@PaxHeader";
+/// The largest size an 11-digit octal ustar size field holds; writers put it there when the real
+/// size goes in a PAX record.
+const USTAR_SIZE_MAX: u64 = 0o77777777777;
 
 /// Largest value of an 8-byte octal ustar field (uid, gid, mode, devices).
 const MAX_OCTAL_8: u64 = 0o7777777;
@@ -212,6 +215,16 @@ pub fn read_item<R: Read>(entry: &mut tar::Entry<'_, R>) -> Result<Option<Item>,
         })?,
     };
     let header = entry.header();
+    // A PAX `size` that disagrees with the header's own size field is the parser differential behind
+    // the tar header-desync CVEs: readers that honour one or the other see different next headers.
+    // Only a zero field, or a saturated one for a file too large for it, may stand for the PAX size.
+    let field = header.size().map_err(EntryError::Io)?;
+    if field != entry.size() && field != 0 && field != USTAR_SIZE_MAX {
+        return Err(EntryError::Invalid {
+            path: lossy(&path),
+            what: "PAX size contradicts the header's size field",
+        });
+    }
     let mut meta = EntryMeta {
         kind,
         mode: header.mode().map_err(EntryError::Io)? & 0o7777,

@@ -61,6 +61,16 @@ impl Source {
     }
 }
 
+/// An error in a blob's transfer (network, stall, bytes that miss their digest or size), as opposed
+/// to its content: the registry's fault, not the image's. Every error a blob stream yields is one.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct TransferError(#[source] pub io::Error);
+
+fn transfer_error(e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), TransferError(e))
+}
+
 /// Chunks of a blob read ahead of its consumer: enough to keep the network and the digest check a
 /// step ahead (more bought no speed in the end-to-end bench), few enough that the chunks in flight,
 /// which hyper sizes up to a few hundred KiB, stay a few MiB per blob.
@@ -111,7 +121,17 @@ fn invalid(e: impl std::error::Error + Send + Sync + 'static) -> io::Error {
 impl Stream for Verified {
     type Item = io::Result<Bytes>;
 
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.poll_verified(cx)
+            .map(|item| item.map(|r| r.map_err(transfer_error)))
+    }
+}
+
+impl Verified {
+    fn poll_verified(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<io::Result<Bytes>>> {
         if self.verifier.is_none() {
             return Poll::Ready(None);
         }

@@ -234,6 +234,8 @@ fn a_registry_failing_before_the_first_byte_is_a_json_502() {
                 .contains(&bottom[7..]),
             "{fault:?}: the error names the layer: {v}"
         );
+        // The registry's fault, not the image's: bytes that miss their digest included.
+        assert_eq!(v["error"]["code"], "UPSTREAM", "{fault:?}: {v}");
     }
     body_of(&server, &r);
 }

@@ -26,6 +26,8 @@ pub struct Layer {
     /// A file of zeros too large to hold in memory, streamed after `tar` when the blob is written:
     /// (path, size).
     zeros: Option<(String, u64)>,
+    /// No end-of-archive blocks: the tar stops where its bytes stop.
+    unterminated: bool,
 }
 
 /// `Builder::into_inner` ends the archive with two zero blocks; entries are concatenated without them.
@@ -138,6 +140,28 @@ impl Layer {
         self.tar.extend(without_end(b.into_inner().unwrap()));
         self
     }
+    /// A hardlink whose target is written as given, unchecked (`../x`, `/etc/shadow`).
+    pub fn raw_link(mut self, name: &str, target: &str) -> Layer {
+        let mut h = header(tar::EntryType::Link, 0o644, 0);
+        h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+        h.as_old_mut().linkname[..target.len()].copy_from_slice(target.as_bytes());
+        h.set_cksum();
+        self.tar.extend_from_slice(h.as_bytes());
+        self
+    }
+
+    /// A file entry announcing `size` bytes of which only `data` follows, and then nothing: the
+    /// layer ends mid-entry, without end-of-archive blocks.
+    pub fn truncated_file(mut self, name: &str, size: u64, data: &[u8]) -> Layer {
+        let mut h = header(tar::EntryType::Regular, 0o644, size);
+        h.set_path(name).unwrap();
+        h.set_cksum();
+        self.tar.extend_from_slice(h.as_bytes());
+        self.tar.extend_from_slice(data);
+        self.unterminated = true;
+        self
+    }
+
     /// Raw header bytes with a name the tar crate would clean (e.g. `./x`, duplicates).
     pub fn raw_name(mut self, name: &str, kind: tar::EntryType, mode: u32, data: &[u8]) -> Layer {
         let mut h = header(kind, mode, data.len() as u64);
@@ -181,7 +205,9 @@ impl Layer {
             "streamed layers have no tar in memory"
         );
         let mut t = self.tar.clone();
-        t.extend_from_slice(&[0u8; 1024]);
+        if !self.unterminated {
+            t.extend_from_slice(&[0u8; 1024]);
+        }
         t
     }
 }

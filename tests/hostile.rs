@@ -1,0 +1,96 @@
+//! Hostile layers, pushed to the real registry: each is refused with a JSON error before the first byte
+//! that names the layer and the entry, and the service goes on serving good images.
+
+mod common;
+
+use common::fixtures::{Comp, Image, Layer};
+use common::*;
+use serde_json::Value;
+
+fn base() -> (Layer, Comp) {
+    (
+        Layer::new()
+            .dir("etc", 0o755)
+            .file("etc/passwd", 0o644, b"root:x:0:0::/root:/bin/sh\n"),
+        Comp::Gzip,
+    )
+}
+
+#[test]
+fn hostile_layers_are_refused_before_the_first_byte() {
+    let Some(env) = env() else { return };
+    let server = shared_server(&env.registry);
+    let cases: Vec<(&str, Layer, &str)> = vec![
+        (
+            "dotdot",
+            Layer::new().raw_name("../escape", tar::EntryType::Regular, 0o644, b"x"),
+            "escapes the image root",
+        ),
+        (
+            "dotdot-inside",
+            Layer::new().raw_name("etc/../../escape", tar::EntryType::Regular, 0o644, b"x"),
+            "escapes the image root",
+        ),
+        (
+            "link-escape",
+            Layer::new().raw_link("etc/shadow-link", "../../etc/shadow"),
+            "escapes the image root",
+        ),
+        (
+            "whiteout-escape",
+            Layer::new().raw_name("etc/.wh...", tar::EntryType::Regular, 0o644, b""),
+            "escapes the image root",
+        ),
+        (
+            "bare-whiteout",
+            Layer::new().raw_name("etc/.wh.", tar::EntryType::Regular, 0o644, b""),
+            "bare whiteout",
+        ),
+        (
+            "nul-in-name",
+            Layer::new().pax_file("plain", 0o644, b"x", &[("path", b"etc/a\0b")]),
+            "NUL byte",
+        ),
+        (
+            "pax-size-differential",
+            // The ustar header says 10 bytes, PAX says 1000: readers would disagree on where the next
+            // header starts.
+            Layer::new()
+                .pax_file("smuggler", 0o644, &[b'a'; 10], &[("size", b"1000")])
+                .file("after", 0o644, b"hidden"),
+            "PAX size contradicts",
+        ),
+        (
+            "truncated-mid-entry",
+            Layer::new()
+                .file("whole", 0o644, b"fine")
+                .truncated_file("cut", 10_000, &[b'c'; 700]),
+            "",
+        ),
+    ];
+    for (name, layer, fragment) in cases {
+        let r = publish(
+            &env,
+            &format!("hostile-{name}"),
+            vec![Image::new(vec![base(), (layer, Comp::Gzip)])],
+        );
+        let (status, headers, body) = curl(&[&format!("{}/squash/{r}", server.url)]);
+        assert_eq!(status, 502, "{name}: {}", String::from_utf8_lossy(&body));
+        assert_eq!(
+            header_value(&headers, "content-type").as_deref(),
+            Some("application/json"),
+            "{name}"
+        );
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        let message = v["error"]["message"].as_str().unwrap();
+        assert_eq!(v["error"]["code"], "INVALID_IMAGE", "{name}: {v}");
+        assert!(
+            message.contains("layer sha256:") && message.contains(fragment),
+            "{name}: {message}"
+        );
+    }
+    // Still serving: a good image right after.
+    let r = publish(&env, "hostile-then-good", vec![Image::new(vec![base()])]);
+    let (status, _, body) = curl(&["-f", &format!("{}/squash/{r}", server.url)]);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+}
