@@ -269,6 +269,26 @@ impl Drop for Server {
 }
 
 impl Server {
+    /// Sends SIGTERM, as a service manager stopping it would.
+    pub fn terminate(&self) {
+        run(Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()]));
+    }
+
+    /// Waits up to `timeout` for the process to exit; its exit status if it did.
+    pub fn wait_exit(&mut self, timeout: std::time::Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if std::time::Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
     /// The server process's peak resident set size so far (VmHWM).
     pub fn peak_rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
