@@ -7,6 +7,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 
 use crate::convert::ConverterConfig;
+use crate::limits::{self, Limits};
 use crate::manifest::Platform;
 use crate::reference::DOCKER_HUB;
 use crate::server::{ServerSettings, DEFAULT_MAX_CONCURRENT};
@@ -84,6 +85,18 @@ pub struct SourceArgs {
     /// Serve the images of this OCI image layout instead of registries.
     #[arg(long)]
     pub oci_layout: Option<PathBuf>,
+    /// Tar entries one image may hold, all layers together.
+    #[arg(long, default_value_t = limits::DEFAULT_MAX_ENTRIES)]
+    pub max_entries: u64,
+    /// Bytes of one path or link target.
+    #[arg(long, default_value_t = limits::DEFAULT_MAX_PATH_BYTES)]
+    pub max_path_bytes: u64,
+    /// Bytes of one PAX extended header or GNU long-name member.
+    #[arg(long, default_value_t = limits::DEFAULT_MAX_PAX_BYTES)]
+    pub max_pax_bytes: u64,
+    /// Uncompressed bytes of one image, all layers together.
+    #[arg(long, default_value_t = limits::DEFAULT_MAX_IMAGE_BYTES)]
+    pub max_image_bytes: u64,
 }
 
 fn default_cache_dir() -> Option<PathBuf> {
@@ -128,6 +141,12 @@ impl SourceArgs {
                 self.cache_dir.clone().or_else(default_cache_dir)
             },
             oci_layout: self.oci_layout.clone(),
+            limits: Limits {
+                max_entries: self.max_entries,
+                max_path_bytes: self.max_path_bytes,
+                max_pax_bytes: self.max_pax_bytes,
+                max_image_bytes: self.max_image_bytes,
+            },
         })
     }
 }

@@ -22,6 +22,7 @@ use crate::digest::Digest;
 use crate::entry::{self, Item};
 use crate::format::docker_archive::{DockerArchive, LayerWriter, SizeExceeded};
 use crate::layer;
+use crate::limits::{Budget, Guard, Limits};
 use crate::manifest::{self, LayerDescriptor, Platform, ResolvedImage};
 use crate::merge::{merge_tar, LayerHints, MergeError, Merger, TarSink};
 use crate::oci_layout::OciLayout;
@@ -120,6 +121,8 @@ pub struct ConverterConfig {
     pub cache_dir: Option<PathBuf>,
     /// Serve images from this OCI image layout instead of registries.
     pub oci_layout: Option<PathBuf>,
+    /// What one image may make strata read.
+    pub limits: Limits,
 }
 
 /// Output bytes buffered per chunk sent to the body: large enough to amortise the channel, small
@@ -266,6 +269,7 @@ impl Converter {
             image,
             hints,
             archive,
+            limits: self.config.limits,
         };
         Ok(Prepared {
             content_length,
@@ -281,6 +285,8 @@ impl Converter {
         image: &ResolvedImage,
         credentials: &Credentials,
     ) -> Result<Vec<Vec<Item>>, Error> {
+        let budget = Arc::new(Budget::default());
+        let limits = self.config.limits;
         let parallel = std::thread::available_parallelism()
             .map_or(2, |n| n.get())
             .clamp(2, 8);
@@ -294,7 +300,8 @@ impl Converter {
                     self.store.clone(),
                     image.reference.clone(),
                 );
-                let (layer, credentials) = (layer.clone(), credentials.clone());
+                let (layer, credentials, budget) =
+                    (layer.clone(), credentials.clone(), budget.clone());
                 async move {
                     let hex = layer.digest.hex().to_string();
                     if let Some(items) = store.load_summary(&hex) {
@@ -309,7 +316,7 @@ impl Converter {
                     let items = tokio::task::spawn_blocking(move || {
                         let reader =
                             SyncIoBridge::new_with_handle(StreamReader::new(stream), handle);
-                        scan_layer(layer.compression, reader)
+                        scan_layer(layer.compression, reader, limits, budget)
                     })
                     .await
                     .map_err(|e| Error::Internal(e.to_string()))?
@@ -357,9 +364,12 @@ fn image_fault(e: &io::Error) -> bool {
 fn scan_layer(
     compression: layer::Compression,
     blob: impl io::Read + Send,
+    limits: Limits,
+    budget: Arc<Budget>,
 ) -> Result<Vec<Item>, MergeError> {
     let mut raw = BufReader::with_capacity(READ_BUF, blob);
-    let result = summary::scan(layer::decompress(compression, &mut raw));
+    let tar = Guard::new(layer::decompress(compression, &mut raw), limits, budget);
+    let result = summary::scan(tar);
     match result {
         Err(MergeError::Io(e)) if !image_fault(&e) => Err(MergeError::Io(e)),
         Err(content) => match io::copy(&mut raw, &mut io::sink()) {
@@ -394,6 +404,7 @@ struct Job {
     image: ResolvedImage,
     hints: Vec<LayerHints>,
     archive: DockerArchive,
+    limits: Limits,
 }
 
 impl Job {
@@ -453,6 +464,7 @@ impl Job {
         let mut layer_out = LayerWriter::new(&mut *out, self.archive.layer_size());
         let mut sink = TarSink(&mut layer_out);
         let mut merger = Merger::new();
+        let budget = Arc::new(Budget::default());
         let layers: Vec<_> = self.image.layers.iter().zip(&self.hints).rev().collect();
         // One layer is fetched ahead: its request and first chunks overlap the merge of the one above.
         let mut next = layers.first().map(|(layer, _)| self.fetch(layer, handle));
@@ -468,9 +480,13 @@ impl Job {
             let reader = SyncIoBridge::new_with_handle(StreamReader::new(stream), handle.clone());
             // No `read_layer` here: once the response has started, any failure aborts it alike, and
             // draining the blob would keep a fetch going after the client left.
-            let tar = layer::decompress(
-                layer.compression,
-                BufReader::with_capacity(READ_BUF, reader),
+            let tar = Guard::new(
+                layer::decompress(
+                    layer.compression,
+                    BufReader::with_capacity(READ_BUF, reader),
+                ),
+                self.limits,
+                budget.clone(),
             );
             merge_tar(&mut merger, tar, &mut sink).map_err(|e| layer_error_io(&layer.digest, e))?;
         }

@@ -9,6 +9,8 @@
 //! - [`source`]: what the conversion needs from either source.
 //! - [`manifest`]: manifests and indexes, platform choice, the image config.
 //! - [`layer`]: a layer blob's bytes, decompressed (gzip, zstd, none).
+//! - [`limits`]: limits on entries, paths, extended headers and uncompressed bytes, enforced on each
+//!   layer's tar stream before the parser.
 //! - [`entry`]: one tar entry's metadata, read from a layer and written back canonically.
 //! - [`merge`]: the top-down layer merger (whiteouts, opaque dirs, hardlinks).
 //! - [`summary`]: per-layer entry listings, remembered on disk, that size the merged layer exactly.
@@ -24,6 +26,7 @@ pub mod digest;
 pub mod entry;
 pub mod format;
 pub mod layer;
+pub mod limits;
 pub mod manifest;
 pub mod merge;
 pub mod oci_layout;

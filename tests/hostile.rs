@@ -94,3 +94,48 @@ fn hostile_layers_are_refused_before_the_first_byte() {
     let (status, _, body) = curl(&["-f", &format!("{}/squash/{r}", server.url)]);
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
 }
+
+/// Each limit, with a server whose limit is low (and the PAX one at its default), refuses the image
+/// before the first byte with a message naming the flag that raises it.
+#[test]
+fn limits_refuse_images_past_them() {
+    let Some(env) = env() else { return };
+    let many = (0..20).fold(Layer::new(), |l, i| l.file(&format!("f{i}"), 0o644, b"x"));
+    let big_xattr = vec![b'v'; 2 << 20];
+    let cases: Vec<(&str, Layer, &[&str], &str)> = vec![
+        ("entries", many, &["--max-entries", "10"], "--max-entries"),
+        (
+            "bomb",
+            // 64 MiB of zeros: a blob of a few dozen KiB.
+            Layer::new().file("zeros", 0o644, &vec![0u8; 64 << 20]),
+            &["--max-image-bytes", "16777216"],
+            "--max-image-bytes",
+        ),
+        (
+            "path",
+            Layer::new().file(&format!("{}/f", "d".repeat(300)), 0o644, b"x"),
+            &["--max-path-bytes", "200"],
+            "--max-path-bytes",
+        ),
+        (
+            "pax",
+            Layer::new().pax_file("x", 0o644, b"x", &[("SCHILY.xattr.user.big", &big_xattr)]),
+            &[],
+            "--max-pax-bytes",
+        ),
+    ];
+    for (name, layer, flags, fragment) in cases {
+        let server = Server::start(&env.registry, flags);
+        let r = publish(
+            &env,
+            &format!("limit-{name}"),
+            vec![Image::new(vec![base(), (layer, Comp::Gzip)])],
+        );
+        let (status, _, body) = curl(&[&format!("{}/squash/{r}", server.url)]);
+        assert_eq!(status, 502, "{name}: {}", String::from_utf8_lossy(&body));
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(message.contains(fragment), "{name}: {message}");
+        assert_eq!(v["error"]["code"], "INVALID_IMAGE", "{name}: {v}");
+    }
+}

@@ -15,7 +15,14 @@ use serde_json::Value;
 /// An image of `len` incompressible bytes in one layer, whose blob the proxy serves at `rate` bytes
 /// per second; returns the reference through the proxy. Sizes are made known first (through `server`),
 /// so the transfer itself is what takes the time.
-fn slow_image(env: &Env, proxy: &Proxy, server: &Server, name: &str, len: usize, rate: u64) -> String {
+fn slow_image(
+    env: &Env,
+    proxy: &Proxy,
+    server: &Server,
+    name: &str,
+    len: usize,
+    rate: u64,
+) -> String {
     publish(
         env,
         name,
@@ -61,7 +68,10 @@ fn beyond_the_concurrency_limit_the_answer_is_503_with_retry_after() {
     let v: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(v["error"]["code"], "OVERLOADED", "{v}");
 
-    assert!(first.wait().unwrap().success(), "the conversion in progress finishes");
+    assert!(
+        first.wait().unwrap().success(),
+        "the conversion in progress finishes"
+    );
     let (status, _, _) = curl(&["-f", "-o", "/dev/null", &url]);
     assert_eq!(status, 200, "served again once the slot is free");
 }
@@ -83,9 +93,15 @@ fn sigterm_lets_conversions_in_flight_finish() {
     // No new connections once stopping.
     let (status, _, _) = curl(&["--max-time", "5", &url]);
     assert_eq!(status, 0, "a request after SIGTERM must not be served");
-    assert!(inflight.wait().unwrap().success(), "the transfer in flight completes");
+    assert!(
+        inflight.wait().unwrap().success(),
+        "the transfer in flight completes"
+    );
     let status = server.wait_exit(Duration::from_secs(10));
-    assert!(status.is_some_and(|s| s.success()), "exits cleanly: {status:?}");
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "exits cleanly: {status:?}"
+    );
 }
 
 #[test]

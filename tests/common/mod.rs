@@ -271,8 +271,7 @@ impl Drop for Server {
 impl Server {
     /// Sends SIGTERM, as a service manager stopping it would.
     pub fn terminate(&self) {
-        run(Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()]));
+        run(Command::new("kill").args(["-TERM", &self.child.id().to_string()]));
     }
 
     /// Waits up to `timeout` for the process to exit; its exit status if it did.
