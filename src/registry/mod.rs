@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, WWW_AUTHENTICATE};
+use reqwest::header::{
+    HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, RETRY_AFTER, WWW_AUTHENTICATE,
+};
 use reqwest::{Response, StatusCode};
 
 use crate::digest::Digest;
@@ -43,6 +45,13 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest silence in the middle of a blob before it counts as stalled.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Retries of a request the registry answered with "later" or could not take: enough to ride out a
+/// rate limit's short window, few enough that a dead registry is reported within seconds.
+const RETRIES: u32 = 3;
+/// First pause between retries, doubled each time when the registry names none.
+const RETRY_BACKOFF: Duration = Duration::from_millis(250);
+/// The longest pause a `Retry-After` may impose on a caller who is waiting.
+const MAX_RETRY_WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -176,14 +185,7 @@ impl Client {
                     .map_err(|_| RegistryError::Unauthorized("malformed credentials".into()))?;
                 headers.insert(AUTHORIZATION, value);
             }
-            let resp = self
-                .http
-                .get(&url)
-                .headers(headers)
-                .timeout(RESPONSE_TIMEOUT)
-                .send()
-                .await
-                .map_err(|e| RegistryError::Upstream(format!("{url}: {}", error_chain(&e))))?;
+            let resp = self.send_retrying(&url, headers).await?;
             let status = resp.status();
             if status == StatusCode::UNAUTHORIZED && attempt == 0 {
                 let challenge = resp
@@ -221,6 +223,50 @@ impl Client {
             };
         }
         unreachable!("the loop returns on its second attempt")
+    }
+
+    /// Sends a GET; sends it again after a pause when the registry says "later" (429, 502, 503, 504)
+    /// or cannot be reached, at most [`RETRIES`] more times, waiting what `Retry-After` asks (capped at
+    /// [`MAX_RETRY_WAIT`]) or a doubling backoff. The last answer, good or bad, is the caller's.
+    async fn send_retrying(
+        &self,
+        url: &str,
+        headers: HeaderMap,
+    ) -> Result<Response, RegistryError> {
+        let mut attempt = 0;
+        loop {
+            let result = self
+                .http
+                .get(url)
+                .headers(headers.clone())
+                .timeout(RESPONSE_TIMEOUT)
+                .send()
+                .await;
+            let backoff = RETRY_BACKOFF * 2u32.pow(attempt);
+            let wait = match &result {
+                Ok(r) if matches!(r.status().as_u16(), 429 | 502 | 503 | 504) => Some(
+                    r.headers()
+                        .get(RETRY_AFTER)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.trim().parse().ok())
+                        .map_or(backoff, Duration::from_secs),
+                ),
+                Err(e) if e.is_connect() || e.is_timeout() => Some(backoff),
+                _ => None,
+            };
+            match wait {
+                Some(wait) if attempt < RETRIES => {
+                    tracing::debug!(url, attempt, "registry busy or unreachable; retrying");
+                    tokio::time::sleep(wait.min(MAX_RETRY_WAIT)).await;
+                    attempt += 1;
+                }
+                _ => {
+                    return result.map_err(|e| {
+                        RegistryError::Upstream(format!("{url}: {}", error_chain(&e)))
+                    })
+                }
+            }
+        }
     }
 
     async fn token(

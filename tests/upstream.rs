@@ -1,0 +1,113 @@
+//! Upstreams that fail before the first byte: a registry that asks to come back later is asked again
+//! (honouring `Retry-After`, a few times), one that keeps failing or cannot be reached at all gets the
+//! caller a JSON 502 within seconds.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::fixtures::{Comp, Image, Layer};
+use common::proxy::{Fault, Proxy};
+use common::*;
+use serde_json::Value;
+
+fn image(env: &Env, name: &str) -> String {
+    publish(
+        env,
+        name,
+        vec![Image::new(vec![(
+            Layer::new().file("f", 0o644, b"content"),
+            Comp::Gzip,
+        )])],
+    );
+    layer_digests(&env.registry, &format!("fixtures/{name}"), "v1")[0][7..].to_string()
+}
+
+fn json_502(url: &str) -> Value {
+    let (status, headers, body) = curl(&[url]);
+    assert_eq!(status, 502, "{url}: {}", String::from_utf8_lossy(&body));
+    assert_eq!(
+        header_value(&headers, "content-type").as_deref(),
+        Some("application/json")
+    );
+    serde_json::from_slice(&body).unwrap()
+}
+
+#[test]
+fn a_busy_registry_is_asked_again() {
+    let Some(env) = env() else { return };
+    let proxy = Proxy::start(&env.registry);
+    let server = Server::start(&proxy.addr, &[]);
+    let blob = image(&env, "busy");
+    let r = format!("{}/fixtures/busy:v1", proxy.addr);
+    // Twice "later" for the manifest (with Retry-After: 1), once a 503 for the layer.
+    proxy.rule("/manifests/v1", Fault::Status(429), Some(2));
+    proxy.rule(&blob, Fault::Status(503), Some(1));
+    let started = Instant::now();
+    let (status, _, body) = curl(&["-f", &format!("{}/squash/{r}", server.url)]);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "Retry-After was honoured"
+    );
+    assert_eq!(proxy.requests("/manifests/v1").len(), 3);
+    // The sizing pass: a 503, then the blob; the merge: the blob.
+    assert_eq!(proxy.requests(&blob).len(), 3);
+}
+
+#[test]
+fn a_registry_that_keeps_failing_is_a_json_502() {
+    let Some(env) = env() else { return };
+    let proxy = Proxy::start(&env.registry);
+    let server = Server::start(&proxy.addr, &[]);
+    let blob = image(&env, "always-503");
+    proxy.rule(&blob, Fault::Status(503), None);
+    let started = Instant::now();
+    let v = json_502(&format!(
+        "{}/squash/{}/fixtures/always-503:v1",
+        server.url, proxy.addr
+    ));
+    assert_eq!(v["error"]["code"], "UPSTREAM", "{v}");
+    assert_eq!(proxy.requests(&blob).len(), 4, "one try and three retries");
+    assert!(started.elapsed() < Duration::from_secs(15));
+}
+
+#[test]
+fn an_unreachable_registry_is_a_json_502() {
+    let Some(_env) = env() else { return };
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dead = format!("127.0.0.1:{port}");
+    let server = Server::start(&dead, &[]);
+    let started = Instant::now();
+    let v = json_502(&format!("{}/squash/{dead}/x/y:z", server.url));
+    assert_eq!(v["error"]["code"], "UPSTREAM", "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains(&dead),
+        "{v}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[test]
+fn a_blob_redirect_to_a_dead_host_is_a_json_502() {
+    let Some(env) = env() else { return };
+    let proxy = Proxy::start(&env.registry);
+    let server = Server::start(&proxy.addr, &[]);
+    let blob = image(&env, "redirect-dead");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    proxy.rule(&blob, Fault::Redirect(format!("127.0.0.1:{port}")), None);
+    let v = json_502(&format!(
+        "{}/squash/{}/fixtures/redirect-dead:v1",
+        server.url, proxy.addr
+    ));
+    assert_eq!(v["error"]["code"], "UPSTREAM", "{v}");
+}
