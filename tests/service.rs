@@ -129,3 +129,54 @@ fn sigterm_aborts_what_outlasts_the_grace_period() {
         "the cut transfer must fail for its client"
     );
 }
+
+/// A client that reads slowly holds the conversion back, and the conversion holds back the registry:
+/// buffers stay bounded, so memory does not grow with what the client has not read yet.
+#[test]
+fn a_slow_reader_pushes_back_on_the_registry() {
+    let Some(env) = env() else { return };
+    let proxy = Proxy::start(&env.registry);
+    let server = Server::start(&proxy.addr, &[]);
+    let name = "slow-reader";
+    publish(
+        &env,
+        name,
+        vec![Image::new(vec![(
+            Layer::new().file("payload", 0o644, &noise(96 << 20, 5)),
+            Comp::Gzip,
+        )])],
+    );
+    let blob = layer_digests(&env.registry, &format!("fixtures/{name}"), "v1")[0][7..].to_string();
+    let url = format!("{}/squash/{}/fixtures/{name}:v1", server.url, proxy.addr);
+    let (status, _, _) = curl(&["-f", "-o", "/dev/null", &url]);
+    assert_eq!(status, 200);
+    let rss_before = server.peak_rss_kib();
+
+    // 1 MiB/s for three seconds.
+    let out = scratch("slow-reader").join("body");
+    let mut slow = Command::new("curl")
+        .args(["-sS", "--limit-rate", "1M", "-o"])
+        .arg(&out)
+        .arg(&url)
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let fetched = proxy.requests(&blob).pop().unwrap().body_bytes;
+    let read = std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
+    slow.kill().unwrap();
+    slow.wait().unwrap();
+    eprintln!("slow reader: read {read} bytes, strata fetched {fetched}");
+    assert!(read < 32 << 20, "the client read {read} bytes");
+    // What the client has not read waits in bounded buffers (body channel, read-ahead, socket buffers
+    // on both sides), not in memory that grows with the layer: unbounded, strata would have fetched
+    // all 96 MiB by now.
+    assert!(
+        fetched < read + (40 << 20),
+        "fetched {fetched} bytes from the registry for a client that read {read}"
+    );
+    let rss = server.peak_rss_kib();
+    assert!(
+        rss < rss_before + 32 * 1024,
+        "peak RSS went from {rss_before} KiB to {rss} KiB"
+    );
+}

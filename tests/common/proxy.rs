@@ -54,6 +54,7 @@ pub struct Request {
     pub authorization: Option<String>,
     pub started: Instant,
     pub ended: Option<Instant>,
+    /// Response body bytes sent to strata so far.
     pub body_bytes: u64,
     pub outcome: Outcome,
 }
@@ -198,6 +199,7 @@ fn serve(mut client: TcpStream, upstream: &str, state: &Mutex<State>) {
         });
         (s.log.len() - 1, fault, s.authorization.clone())
     };
+    let progress = |sent: u64| state.lock().unwrap().log[index].body_bytes = sent;
     let (bytes, outcome) = forward(
         &mut client,
         &head,
@@ -205,6 +207,7 @@ fn serve(mut client: TcpStream, upstream: &str, state: &Mutex<State>) {
         upstream,
         fault,
         authorization.as_deref(),
+        progress,
     );
     let _ = client.shutdown(Shutdown::Both);
     let mut s = state.lock().unwrap();
@@ -221,6 +224,7 @@ fn forward(
     upstream: &str,
     fault: Option<Fault>,
     authorization: Option<&str>,
+    progress: impl Fn(u64),
 ) -> (u64, Outcome) {
     match &fault {
         Some(Fault::Redirect(host)) => {
@@ -277,6 +281,7 @@ fn forward(
             return (sent, Outcome::ClientGone);
         }
         sent += n as u64;
+        progress(sent);
         if let Some(Fault::Throttle(rate)) = fault {
             let due = Duration::from_secs_f64(sent as f64 / rate as f64);
             if let Some(wait) = due.checked_sub(start.elapsed()) {
