@@ -111,3 +111,51 @@ fn a_blob_redirect_to_a_dead_host_is_a_json_502() {
     ));
     assert_eq!(v["error"]["code"], "UPSTREAM", "{v}");
 }
+
+/// A registry whose token endpoint fails: unreachable or erroring, a JSON 502; refusing the caller, a
+/// JSON 401.
+#[test]
+fn a_failing_token_endpoint_is_a_json_error() {
+    let Some(env) = env() else { return };
+    image(&env, "token");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    for (realm_fault, want) in [
+        (None, 502),
+        (Some(Fault::Status(500)), 502),
+        (Some(Fault::Status(401)), 401),
+    ] {
+        let proxy = Proxy::start(&env.registry);
+        let realm = match &realm_fault {
+            None => format!("http://127.0.0.1:{port}/token"),
+            Some(_) => format!("http://{}/token", proxy.addr),
+        };
+        proxy.rule("/v2/", Fault::Challenge(realm), None);
+        if let Some(f) = realm_fault.clone() {
+            proxy.rule("/token", f, None);
+        }
+        let server = Server::start(&proxy.addr, &[]);
+        let (status, headers, body) = curl(&[&format!(
+            "{}/squash/{}/fixtures/token:v1",
+            server.url, proxy.addr
+        )]);
+        assert_eq!(
+            status,
+            want,
+            "{realm_fault:?}: {}",
+            String::from_utf8_lossy(&body)
+        );
+        assert_eq!(
+            header_value(&headers, "content-type").as_deref(),
+            Some("application/json")
+        );
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains("/token"),
+            "{realm_fault:?}: {v}"
+        );
+    }
+}

@@ -20,6 +20,8 @@ pub enum Fault {
     Corrupt(usize),
     /// Answer with this status and an empty body instead of asking the registry.
     Status(u16),
+    /// Answer `401` with a bearer challenge whose token endpoint (realm) is this URL.
+    Challenge(String),
     /// Answer `307` to the same path on this other host (`host:port`), as registries backed by object
     /// storage do for blobs.
     Redirect(String),
@@ -227,6 +229,13 @@ fn forward(
     progress: impl Fn(u64),
 ) -> (u64, Outcome) {
     match &fault {
+        Some(Fault::Challenge(realm)) => {
+            let resp = format!(
+                "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer realm=\"{realm}\",service=\"test\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+            let _ = client.write_all(resp.as_bytes());
+            return (0, Outcome::Cut);
+        }
         Some(Fault::Redirect(host)) => {
             let resp = format!(
                 "HTTP/1.1 307 Temporary Redirect\r\nLocation: http://{host}{path}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
