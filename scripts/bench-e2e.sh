@@ -38,25 +38,12 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 now() { date +%s.%N; }
 secs() { python3 -c "print(f'{$2 - $1:.3f}')"; }
 
-reg_port=$(free_port)
-cat > "$work/registry.yml" <<YML
-version: 0.1
-storage:
-  filesystem:
-    rootdirectory: $work/registry
-http:
-  addr: 127.0.0.1:$reg_port
-log:
-  level: warn
-YML
-docker-registry serve "$work/registry.yml" >"$work/registry.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 1 30); do curl -fsS "http://127.0.0.1:$reg_port/v2/" >/dev/null 2>&1 && break; sleep 0.5; done
-registry=127.0.0.1:$reg_port
+. scripts/lib.sh
+start_registry "$work/registry"
+pids+=("$registry_pid")
 
 server_pid=
 start_server() {
@@ -146,7 +133,7 @@ for img in "${images[@]}"; do
     big) target/release/examples/bench_image "$work/big" 1 big; measure big "$work/big" ;;
     *) echo "unknown image $img"; exit 2 ;;
   esac
-  rm -rf "${work:?}/$img" "$work/registry"/docker/registry/v2/blobs 2>/dev/null || true
+  rm -rf "${work:?}/$img" "$work/registry"/data/docker/registry/v2/blobs 2>/dev/null || true
 done
 
 mkdir -p "$(dirname "$results")"

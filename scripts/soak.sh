@@ -25,21 +25,9 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-cat > "$work/registry.yml" <<YML
-version: 0.1
-storage:
-  filesystem:
-    rootdirectory: $work/registry
-http:
-  addr: 127.0.0.1:$port
-log:
-  level: error
-YML
-docker-registry serve "$work/registry.yml" >/dev/null 2>&1 &
-pids+=($!)
-for _ in $(seq 1 30); do curl -fsS "http://127.0.0.1:$port/v2/" >/dev/null 2>&1 && break; sleep 0.5; done
-registry=127.0.0.1:$port
+. scripts/lib.sh
+start_registry "$work/registry"
+pids+=("$registry_pid")
 
 # Two images: the bench image at 1/16 (~75 MB uncompressed) and at 1/64.
 for s in 16 64; do

@@ -40,23 +40,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-
-reg_port=$(free_port)
-cat > "$work/registry.yml" <<YML
-version: 0.1
-storage:
-  filesystem:
-    rootdirectory: $work/registry
-  delete:
-    enabled: true
-http:
-  addr: 127.0.0.1:$reg_port
-log:
-  level: warn
-YML
-docker-registry serve "$work/registry.yml" >"$work/registry.log" 2>&1 &
-pids+=($!)
+. scripts/lib.sh
+start_registry "$work/registry"
+pids+=("$registry_pid")
 
 mkdir -p "$work/docker"
 dockerd --storage-driver=vfs --iptables=false --ip6tables=false --bridge=none \
@@ -78,17 +64,15 @@ pids+=($!)
 
 export DOCKER_HOST="unix://$work/docker/docker.sock"
 for _ in $(seq 1 60); do
-  if curl -fsS "http://127.0.0.1:$reg_port/v2/" >/dev/null 2>&1 && docker info >/dev/null 2>&1 \
-     && [ -S "$work/containerd/containerd.sock" ]; then
+  if docker info >/dev/null 2>&1 && [ -S "$work/containerd/containerd.sock" ]; then
     break
   fi
   sleep 1
 done
-curl -fsS "http://127.0.0.1:$reg_port/v2/" >/dev/null || { cat "$work/registry.log"; echo "registry did not start"; exit 1; }
 docker info >/dev/null || { tail -50 "$work/dockerd.log"; echo "dockerd did not start"; exit 1; }
 [ -S "$work/containerd/containerd.sock" ] || { tail -50 "$work/containerd.log"; echo "containerd did not start"; exit 1; }
 
-export STRATA_TEST_REGISTRY="127.0.0.1:$reg_port"
+export STRATA_TEST_REGISTRY="$registry"
 export STRATA_TEST_CONTAINERD="$work/containerd/containerd.sock"
 export STRATA_TEST_WORK="$work"
 

@@ -35,11 +35,7 @@ impl PrivateRegistry {
         let dir = scratch(&format!("private-registry-{}", rand_suffix()));
         let hash = bcrypt::hash(PASSWORD, 4).unwrap();
         std::fs::write(dir.join("htpasswd"), format!("{USER}:{hash}\n")).unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let addr = format!("127.0.0.1:{port}");
         let config = format!(
             "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {root}\nhttp:\n  addr: {addr}\n\

@@ -76,11 +76,7 @@ fn a_registry_that_keeps_failing_is_a_json_502() {
 fn an_unreachable_registry_is_a_json_502() {
     let Some(_env) = env() else { return };
     // A port nothing listens on.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let dead = format!("127.0.0.1:{port}");
     let server = Server::start(&dead, &[]);
     let started = Instant::now();
@@ -99,11 +95,7 @@ fn a_blob_redirect_to_a_dead_host_is_a_json_502() {
     let proxy = Proxy::start(&env.registry);
     let server = Server::start(&proxy.addr, &[]);
     let blob = image(&env, "redirect-dead");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     proxy.rule(&blob, Fault::Redirect(format!("127.0.0.1:{port}")), None);
     let v = json_502(&format!(
         "{}/squash/{}/fixtures/redirect-dead:v1",
@@ -118,11 +110,7 @@ fn a_blob_redirect_to_a_dead_host_is_a_json_502() {
 fn a_failing_token_endpoint_is_a_json_error() {
     let Some(env) = env() else { return };
     image(&env, "token");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     for (realm_fault, want) in [
         (None, 502),
         (Some(Fault::Status(500)), 502),
