@@ -60,7 +60,9 @@ fn bad_manifests_and_configs_are_json_errors() {
     let good_config = br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":["sha256:00"]}}"#;
     let two_diff_ids = br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":["sha256:00","sha256:11"]}}"#;
     let oci = r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":CONFIG,"layers":[LAYER]}"#;
-    let cases: Vec<(&str, String, &[u8], Option<String>, &str)> = vec![
+    /// (name, manifest, config, config stored under this digest, what the error must say)
+    type Case<'a> = (&'a str, String, &'a [u8], Option<String>, &'a str);
+    let cases: Vec<Case> = vec![
         ("not-json", "this is not json".into(), good_config, None, "not JSON"),
         (
             "schema1",
