@@ -344,7 +344,8 @@ fn source_error(e: SourceError) -> Error {
     }
 }
 
-/// A layer that cannot be read: bad bytes are the image's fault, anything else the upstream's.
+/// A layer that cannot be read: a failed transfer is the upstream's fault; anything else (broken
+/// compression or tar, a hostile entry, a limit) is the image's.
 fn layer_error(digest: &Digest, e: MergeError) -> Error {
     match e {
         MergeError::Io(io) if !image_fault(&io) => Error::Upstream(format!("layer {digest}: {io}")),
