@@ -5,7 +5,6 @@ mod common;
 
 use common::fixtures::{Comp, Image, Layer};
 use common::*;
-use serde_json::Value;
 
 fn base() -> (Layer, Comp) {
     (
@@ -74,14 +73,7 @@ fn hostile_layers_are_refused_before_the_first_byte() {
             &format!("hostile-{name}"),
             vec![Image::new(vec![base(), (layer, Comp::Gzip)])],
         );
-        let (status, headers, body) = curl(&[&format!("{}/squash/{r}", server.url)]);
-        assert_eq!(status, 502, "{name}: {}", String::from_utf8_lossy(&body));
-        assert_eq!(
-            header_value(&headers, "content-type").as_deref(),
-            Some("application/json"),
-            "{name}"
-        );
-        let v: Value = serde_json::from_slice(&body).unwrap();
+        let v = json_error(&format!("{}/squash/{r}", server.url), 502);
         let message = v["error"]["message"].as_str().unwrap();
         assert_eq!(v["error"]["code"], "INVALID_IMAGE", "{name}: {v}");
         assert!(
@@ -131,9 +123,7 @@ fn limits_refuse_images_past_them() {
             &format!("limit-{name}"),
             vec![Image::new(vec![base(), (layer, Comp::Gzip)])],
         );
-        let (status, _, body) = curl(&[&format!("{}/squash/{r}", server.url)]);
-        assert_eq!(status, 502, "{name}: {}", String::from_utf8_lossy(&body));
-        let v: Value = serde_json::from_slice(&body).unwrap();
+        let v = json_error(&format!("{}/squash/{r}", server.url), 502);
         let message = v["error"]["message"].as_str().unwrap();
         assert!(message.contains(fragment), "{name}: {message}");
         assert_eq!(v["error"]["code"], "INVALID_IMAGE", "{name}: {v}");

@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use serde_json::{json, Value};
+use serde_json::json;
 use sha2::{Digest as _, Sha256};
 
 fn sha(data: &[u8]) -> String {
@@ -98,14 +98,7 @@ fn bad_manifests_and_configs_are_json_errors() {
     for (name, manifest, config, stored_as, fragment) in cases {
         let dir = layout(name, &manifest, config, stored_as.as_deref());
         let server = Server::start("127.0.0.1:1", &["--oci-layout", dir.to_str().unwrap()]);
-        let (status, headers, body) = curl(&[&format!("{}/squash/bad:v1", server.url)]);
-        assert_eq!(status, 502, "{name}: {}", String::from_utf8_lossy(&body));
-        assert_eq!(
-            header_value(&headers, "content-type").as_deref(),
-            Some("application/json"),
-            "{name}"
-        );
-        let v: Value = serde_json::from_slice(&body).unwrap();
+        let v = json_error(&format!("{}/squash/bad:v1", server.url), 502);
         assert!(
             v["error"]["message"].as_str().unwrap().contains(fragment),
             "{name}: {v}"

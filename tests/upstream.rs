@@ -23,16 +23,6 @@ fn image(env: &Env, name: &str) -> String {
     layer_digests(&env.registry, &format!("fixtures/{name}"), "v1")[0][7..].to_string()
 }
 
-fn json_502(url: &str) -> Value {
-    let (status, headers, body) = curl(&[url]);
-    assert_eq!(status, 502, "{url}: {}", String::from_utf8_lossy(&body));
-    assert_eq!(
-        header_value(&headers, "content-type").as_deref(),
-        Some("application/json")
-    );
-    serde_json::from_slice(&body).unwrap()
-}
-
 #[test]
 fn a_busy_registry_is_asked_again() {
     let Some(env) = env() else { return };
@@ -63,10 +53,13 @@ fn a_registry_that_keeps_failing_is_a_json_502() {
     let blob = image(&env, "always-503");
     proxy.rule(&blob, Fault::Status(503), None);
     let started = Instant::now();
-    let v = json_502(&format!(
-        "{}/squash/{}/fixtures/always-503:v1",
-        server.url, proxy.addr
-    ));
+    let v = json_error(
+        &format!(
+            "{}/squash/{}/fixtures/always-503:v1",
+            server.url, proxy.addr
+        ),
+        502,
+    );
     assert_eq!(v["error"]["code"], "UPSTREAM", "{v}");
     assert_eq!(proxy.requests(&blob).len(), 4, "one try and three retries");
     assert!(started.elapsed() < Duration::from_secs(15));
@@ -80,7 +73,7 @@ fn an_unreachable_registry_is_a_json_502() {
     let dead = format!("127.0.0.1:{port}");
     let server = Server::start(&dead, &[]);
     let started = Instant::now();
-    let v = json_502(&format!("{}/squash/{dead}/x/y:z", server.url));
+    let v = json_error(&format!("{}/squash/{dead}/x/y:z", server.url), 502);
     assert_eq!(v["error"]["code"], "UPSTREAM", "{v}");
     assert!(
         v["error"]["message"].as_str().unwrap().contains(&dead),
@@ -97,10 +90,13 @@ fn a_blob_redirect_to_a_dead_host_is_a_json_502() {
     let blob = image(&env, "redirect-dead");
     let port = free_port();
     proxy.rule(&blob, Fault::Redirect(format!("127.0.0.1:{port}")), None);
-    let v = json_502(&format!(
-        "{}/squash/{}/fixtures/redirect-dead:v1",
-        server.url, proxy.addr
-    ));
+    let v = json_error(
+        &format!(
+            "{}/squash/{}/fixtures/redirect-dead:v1",
+            server.url, proxy.addr
+        ),
+        502,
+    );
     assert_eq!(v["error"]["code"], "UPSTREAM", "{v}");
 }
 

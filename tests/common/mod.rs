@@ -403,6 +403,24 @@ pub fn curl(args: &[&str]) -> (u16, String, Vec<u8>) {
     (status, h, b)
 }
 
+/// GETs `url`, which must fail before the first byte with `status` and a JSON error body
+/// `{"error":{"code":…,"message":…}}`; returns the body.
+pub fn json_error(url: &str, status: u16) -> serde_json::Value {
+    let (got, headers, body) = curl(&[url]);
+    assert_eq!(got, status, "{url}: {}", String::from_utf8_lossy(&body));
+    assert_eq!(
+        header_value(&headers, "content-type").as_deref(),
+        Some("application/json"),
+        "{url}"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&body).expect("a JSON body");
+    assert!(
+        v["error"]["code"].is_string() && v["error"]["message"].is_string(),
+        "{url}: {v}"
+    );
+    v
+}
+
 pub fn header_value(headers: &str, name: &str) -> Option<String> {
     headers.lines().find_map(|l| {
         let (k, v) = l.split_once(':')?;
