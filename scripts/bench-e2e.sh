@@ -19,29 +19,13 @@ images=("${@:-synthetic debian big}")
 read -r -a images <<<"${images[*]}"
 results=${RESULTS:-target/bench-e2e.md}
 
-packages=(docker-registry skopeo pigz curl debootstrap)
-missing=()
-for p in "${packages[@]}"; do
-  command -v "$p" >/dev/null 2>&1 || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+. scripts/lib.sh
+need_packages docker-registry skopeo pigz curl debootstrap
 cargo build --release --bin strata --example bench_image
-
-work=$(mktemp -d /tmp/strata-bench.XXXXXX)
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
+scratch_work strata-bench
 now() { date +%s.%N; }
 secs() { python3 -c "print(f'{$2 - $1:.3f}')"; }
 
-. scripts/lib.sh
 start_registry "$work/registry"
 pids+=("$registry_pid")
 

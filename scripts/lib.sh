@@ -1,9 +1,29 @@
-# Shared by the scripts: a distribution registry on a free loopback port, storing under a directory.
-# Sourced; the caller keeps the pid (in $registry_pid) and stops it.
+# Shared by the bench and soak scripts (and test.sh's registry): packages, a scratch directory with
+# the processes to stop, a distribution registry on a free loopback port. Sourced.
+
+# need_packages NAME...: installs those (Debian package = command name) that are missing.
+need_packages() {
+  local missing=() p
+  for p in "$@"; do command -v "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  if [ ${#missing[@]} -gt 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+}
+
+# scratch_work PREFIX: sets $work to a new directory and $pids to an empty list; on exit, the
+# processes in $pids are stopped and $work removed.
+scratch_work() {
+  work=$(mktemp -d "/tmp/$1.XXXXXX")
+  pids=()
+  trap 'for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; rm -rf "$work"' EXIT
+}
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 # start_registry DIR: starts it, waits until it answers, sets $registry (host:port) and $registry_pid.
+# The caller stops it.
 start_registry() {
   local dir=$1 port
   port=$(free_port)

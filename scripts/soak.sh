@@ -13,19 +13,10 @@ seconds=${1:-600}
 clients=${2:-32}
 results=${RESULTS:-target/soak.md}
 
-for p in docker-registry skopeo curl; do
-  command -v "$p" >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq --no-install-recommends docker-registry skopeo curl >/dev/null; break; }
-done
-cargo build --release --bin strata --example bench_image
-
-work=$(mktemp -d /tmp/strata-soak.XXXXXX)
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  rm -rf "$work"
-}
-trap cleanup EXIT
 . scripts/lib.sh
+need_packages docker-registry skopeo curl
+cargo build --release --bin strata --example bench_image
+scratch_work strata-soak
 start_registry "$work/registry"
 pids+=("$registry_pid")
 
