@@ -10,6 +10,7 @@ use crate::convert::ConverterConfig;
 use crate::limits::{self, Limits};
 use crate::manifest::Platform;
 use crate::reference::DOCKER_HUB;
+use crate::registry::DEFAULT_IDLE_TIMEOUT;
 use crate::server::{ServerSettings, DEFAULT_MAX_CONCURRENT};
 
 #[derive(Parser, Debug)]
@@ -97,6 +98,9 @@ pub struct SourceArgs {
     /// Uncompressed bytes of one image, all layers together.
     #[arg(long, default_value_t = limits::DEFAULT_MAX_IMAGE_BYTES)]
     pub max_image_bytes: u64,
+    /// Seconds a registry may send nothing in the middle of a blob before the transfer fails.
+    #[arg(long, default_value_t = DEFAULT_IDLE_TIMEOUT.as_secs())]
+    pub upstream_idle_timeout: u64,
 }
 
 fn default_cache_dir() -> Option<PathBuf> {
@@ -123,6 +127,9 @@ impl SourceArgs {
                 bail!("invalid registry {h:?}: expected HOST[:PORT]");
             }
         }
+        if self.upstream_idle_timeout == 0 {
+            bail!("--upstream-idle-timeout must be at least 1 second");
+        }
         if let Some(dir) = &self.oci_layout {
             if !dir.join("index.json").is_file() {
                 bail!(
@@ -147,6 +154,7 @@ impl SourceArgs {
                 max_pax_bytes: self.max_pax_bytes,
                 max_image_bytes: self.max_image_bytes,
             },
+            upstream_idle_timeout: Duration::from_secs(self.upstream_idle_timeout),
         })
     }
 }

@@ -123,6 +123,8 @@ pub struct ConverterConfig {
     pub oci_layout: Option<PathBuf>,
     /// What one image may make strata read.
     pub limits: Limits,
+    /// How long a registry may send nothing in the middle of a blob.
+    pub upstream_idle_timeout: std::time::Duration,
 }
 
 /// Output bytes buffered per chunk sent to the body: large enough to amortise the channel, small
@@ -153,6 +155,7 @@ impl Converter {
             }
             None => Source::Registry(Arc::new(registry::Client::new(registry::ClientConfig {
                 insecure: config.insecure_registries.clone(),
+                idle_timeout: config.upstream_idle_timeout,
                 ..Default::default()
             }))),
         };

@@ -11,7 +11,7 @@ use tokio_util::io::ReaderStream;
 
 use crate::digest::Digest;
 use crate::reference::Reference;
-use crate::registry::{RegistryError, MAX_MANIFEST};
+use crate::registry::{RegistryError, DEFAULT_IDLE_TIMEOUT, MAX_MANIFEST};
 use crate::source::{verify_stream, BlobStream, RawManifest};
 
 const REF_NAME: &str = "org.opencontainers.image.ref.name";
@@ -118,6 +118,12 @@ impl OciLayout {
                 _ => RegistryError::Upstream(format!("{}: {e}", path.display())),
             })?;
         let stream = ReaderStream::with_capacity(file, 256 * 1024).map(|r| r);
-        Ok(verify_stream(Box::pin(stream), digest.clone(), size))
+        // Local files do not stall; the registry's default keeps a hung disk from hanging forever.
+        Ok(verify_stream(
+            Box::pin(stream),
+            digest.clone(),
+            size,
+            DEFAULT_IDLE_TIMEOUT,
+        ))
     }
 }

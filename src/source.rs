@@ -6,6 +6,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
@@ -13,7 +14,7 @@ use futures::{Stream, StreamExt};
 use crate::digest::{Digest, Verifier};
 use crate::oci_layout::OciLayout;
 use crate::reference::Reference;
-use crate::registry::{self, Credentials, RegistryError, IDLE_TIMEOUT};
+use crate::registry::{self, Credentials, RegistryError};
 
 pub type SourceError = RegistryError;
 
@@ -98,19 +99,21 @@ pub fn read_ahead(mut inner: BlobStream) -> BlobStream {
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
-/// Wraps a blob's byte stream: each chunk is hashed and counted, a silence longer than
-/// [`IDLE_TIMEOUT`] is an error, and the end is only reported once digest and size match.
-pub fn verify_stream(inner: BlobStream, digest: Digest, size: u64) -> BlobStream {
+/// Wraps a blob's byte stream: each chunk is hashed and counted, a silence longer than `idle` is an
+/// error, and the end is only reported once digest and size match.
+pub fn verify_stream(inner: BlobStream, digest: Digest, size: u64, idle: Duration) -> BlobStream {
     Box::pin(Verified {
         inner,
         verifier: Some(Verifier::new(digest, size)),
-        idle: Box::pin(tokio::time::sleep(IDLE_TIMEOUT)),
+        idle_timeout: idle,
+        idle: Box::pin(tokio::time::sleep(idle)),
     })
 }
 
 struct Verified {
     inner: BlobStream,
     verifier: Option<Verifier>,
+    idle_timeout: Duration,
     idle: Pin<Box<tokio::time::Sleep>>,
 }
 
@@ -141,13 +144,16 @@ impl Verified {
                     self.verifier = None;
                     return Poll::Ready(Some(Err(io::Error::new(
                         io::ErrorKind::TimedOut,
-                        format!("blob stalled: no data for {}s", IDLE_TIMEOUT.as_secs()),
+                        format!(
+                            "blob stalled: no data for {}s",
+                            self.idle_timeout.as_secs_f32()
+                        ),
                     ))));
                 }
                 Poll::Pending
             }
             Poll::Ready(Some(Ok(chunk))) => {
-                let deadline = tokio::time::Instant::now() + IDLE_TIMEOUT;
+                let deadline = tokio::time::Instant::now() + self.idle_timeout;
                 self.idle.as_mut().reset(deadline);
                 let verifier = self.verifier.as_mut().expect("checked above");
                 match verifier.update(&chunk) {
@@ -179,7 +185,7 @@ mod tests {
         let inner: BlobStream = Box::pin(futures::stream::iter(
             chunks.into_iter().map(|c| Ok(Bytes::from_static(c))),
         ));
-        let mut s = verify_stream(inner, digest, size);
+        let mut s = verify_stream(inner, digest, size, Duration::from_secs(5));
         let mut out = Vec::new();
         while let Some(c) = s.next().await {
             out.extend_from_slice(&c?);

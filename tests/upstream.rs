@@ -143,3 +143,61 @@ fn a_failing_token_endpoint_is_a_json_error() {
         );
     }
 }
+
+/// A registry that stops sending in the middle of a blob: after `--upstream-idle-timeout` the transfer
+/// fails — a JSON 502 while sizing, an aborted response after the first byte — instead of hanging.
+#[test]
+fn a_blob_that_stalls_midway_times_out() {
+    let Some(env) = env() else { return };
+    let proxy = Proxy::start(&env.registry);
+    let server = Server::start(&proxy.addr, &["--upstream-idle-timeout", "1"]);
+    let name = "stall";
+    publish(
+        &env,
+        name,
+        vec![Image::new(vec![(
+            Layer::new().file("f", 0o644, &common::fixtures::noise(1 << 20, 4)),
+            Comp::Gzip,
+        )])],
+    );
+    let blob = layer_digests(&env.registry, &format!("fixtures/{name}"), "v1")[0][7..].to_string();
+    let url = format!("{}/squash/{}/fixtures/{name}:v1", server.url, proxy.addr);
+
+    proxy.rule(
+        &blob,
+        Fault::StallAfter(256 << 10, Duration::from_secs(20)),
+        Some(1),
+    );
+    let started = Instant::now();
+    let v = json_error(&url, 502);
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("stalled"),
+        "{v}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // Sized now; stalled after the first byte, the response is cut.
+    let (status, _, _) = curl(&["-f", "-o", "/dev/null", &url]);
+    assert_eq!(status, 200);
+    proxy.rule(
+        &blob,
+        Fault::StallAfter(256 << 10, Duration::from_secs(20)),
+        Some(1),
+    );
+    let started = Instant::now();
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", &url])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+    assert!(!out.status.success(), "curl must see a failed transfer");
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+}

@@ -44,7 +44,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest wait for response headers.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest silence in the middle of a blob before it counts as stalled.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Retries of a request the registry answered with "later" or could not take: enough to ride out a
 /// rate limit's short window, few enough that a dead registry is reported within seconds.
 const RETRIES: u32 = 3;
@@ -84,6 +84,8 @@ pub struct ClientConfig {
     /// `host[:port]` reached over plain HTTP.
     pub insecure: Vec<String>,
     pub user_agent: String,
+    /// How long a blob may send nothing before its transfer counts as failed.
+    pub idle_timeout: Duration,
 }
 
 impl Default for ClientConfig {
@@ -91,6 +93,7 @@ impl Default for ClientConfig {
         ClientConfig {
             insecure: Vec::new(),
             user_agent: format!("strata/{}", env!("CARGO_PKG_VERSION")),
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
         }
     }
 }
@@ -99,6 +102,7 @@ pub struct Client {
     http: reqwest::Client,
     insecure: Vec<String>,
     tokens: TokenCache,
+    idle_timeout: Duration,
 }
 
 /// The registry's error body: `{"errors":[{"code":…,"message":…}]}`.
@@ -141,6 +145,7 @@ impl Client {
             http,
             insecure: config.insecure,
             tokens: TokenCache::default(),
+            idle_timeout: config.idle_timeout,
         }
     }
 
@@ -385,7 +390,12 @@ impl Client {
         let stream = resp.bytes_stream().map(move |r| {
             r.map_err(|e| std::io::Error::other(format!("{url}: {}", error_chain(&e))))
         });
-        Ok(verify_stream(Box::pin(stream), digest.clone(), size))
+        Ok(verify_stream(
+            Box::pin(stream),
+            digest.clone(),
+            size,
+            self.idle_timeout,
+        ))
     }
 }
 

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 pub enum Fault {
     /// Wait this long before answering.
     Stall(Duration),
+    /// Send this many body bytes, then nothing for this long (then the rest).
+    StallAfter(usize, Duration),
     /// Send the body at this many bytes per second.
     Throttle(u64),
     /// Send this many body bytes of the real response, then close the connection.
@@ -288,6 +290,11 @@ fn forward(
         }
         if client.write_all(&buf[..n]).is_err() {
             return (sent, Outcome::ClientGone);
+        }
+        if let Some(Fault::StallAfter(at, pause)) = &fault {
+            if (sent as usize) < *at && sent as usize + n >= *at {
+                std::thread::sleep(*pause);
+            }
         }
         sent += n as u64;
         progress(sent);
