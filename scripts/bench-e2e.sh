@@ -32,17 +32,8 @@ pids+=("$registry_pid")
 server_pid=
 start_server() {
   if [ -n "$server_pid" ]; then kill "$server_pid"; wait "$server_pid" 2>/dev/null || true; fi
-  : >"$work/strata.log"
-  target/release/strata serve --listen 127.0.0.1:0 --insecure-registry "$registry" \
-    --cache-dir "$work/cache" --max-concurrent 64 2>"$work/strata.log" &
-  server_pid=$!
-  pids+=("$server_pid")
-  url=
-  for _ in $(seq 1 50); do
-    url=$(grep -o 'listening on http://[0-9.:]*' "$work/strata.log" | head -1 | sed 's/listening on //') || true
-    [ -n "$url" ] && break
-    sleep 0.1
-  done
+  start_strata "$work/strata.log" --insecure-registry "$registry" --cache-dir "$work/cache" \
+    --max-concurrent 64
 }
 hwm() { awk '/VmHWM/ {print int($2/1024)}' "/proc/$server_pid/status"; }
 

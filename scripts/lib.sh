@@ -22,6 +22,25 @@ scratch_work() {
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
+# start_strata LOG ARGS...: `strata serve` on a free loopback port with ARGS, stderr to LOG; sets
+# $server_pid and $url once it listens, and adds the pid to $pids.
+start_strata() {
+  local log=$1
+  shift
+  target/release/strata serve --listen 127.0.0.1:0 "$@" 2>"$log" &
+  server_pid=$!
+  pids+=("$server_pid")
+  url=
+  for _ in $(seq 1 50); do
+    url=$(grep -o 'listening on http://[0-9.:]*' "$log" | head -1 | sed 's/listening on //') || true
+    [ -n "$url" ] && return 0
+    sleep 0.1
+  done
+  cat "$log"
+  echo "strata did not start" >&2
+  return 1
+}
+
 # start_registry DIR: starts it, waits until it answers, sets $registry (host:port) and $registry_pid.
 # The caller stops it.
 start_registry() {

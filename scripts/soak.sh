@@ -26,16 +26,9 @@ for s in 16 64; do
   skopeo copy --quiet --preserve-digests --dest-tls-verify=false "oci:$work/img$s:bench" "docker://$registry/soak/img$s:v1"
 done
 
-target/release/strata serve --listen 127.0.0.1:0 --insecure-registry "$registry" \
-  --cache-dir "$work/cache" --max-concurrent "$((clients * 2))" 2>"$work/strata.log" &
-server=$!
-pids+=("$server")
-url=
-for _ in $(seq 1 50); do
-  url=$(grep -o 'listening on http://[0-9.:]*' "$work/strata.log" | head -1 | sed 's/listening on //') || true
-  [ -n "$url" ] && break
-  sleep 0.1
-done
+start_strata "$work/strata.log" --insecure-registry "$registry" --cache-dir "$work/cache" \
+  --max-concurrent "$((clients * 2))"
+server=$server_pid
 
 end=$(( $(date +%s) + seconds ))
 client() {
