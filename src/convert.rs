@@ -463,8 +463,7 @@ impl Job {
         self.archive.write_head(out)?;
         // The first byte leaves now, not when a chunk fills: the client learns the transfer has begun.
         out.flush()?;
-        let start = out.position();
-        out.digest_range(start, self.archive.layer_size());
+        out.digest_next(self.archive.layer_size());
         let mut layer_out = LayerWriter::new(&mut *out, self.archive.layer_size());
         let mut sink = TarSink(&mut layer_out);
         let mut merger = Merger::new();
@@ -482,8 +481,8 @@ impl Job {
             next = layers.get(depth + 1).map(|(l, _)| self.fetch(l, handle));
             let stream = this.wait(handle)?;
             let reader = SyncIoBridge::new_with_handle(StreamReader::new(stream), handle.clone());
-            // No `read_layer` here: once the response has started, any failure aborts it alike, and
-            // draining the blob would keep a fetch going after the client left.
+            // No draining as in `scan_layer` here: once the response has started, any failure aborts
+            // it alike, and draining the blob would keep a fetch going after the client left.
             let tar = Guard::new(
                 layer::decompress(
                     layer.compression,
@@ -569,9 +568,9 @@ impl ChannelWriter {
         self.sent + self.buf.len() as u64
     }
 
-    /// Digests `len` bytes from stream offset `start`, which must not have been sent yet.
-    fn digest_range(&mut self, start: u64, len: u64) {
-        assert!(start >= self.sent, "range already sent");
+    /// Digests the next `len` bytes written.
+    fn digest_next(&mut self, len: u64) {
+        let start = self.position();
         let (tx, rx) = std::sync::mpsc::sync_channel::<Bytes>(DIGEST_DEPTH);
         let thread = std::thread::Builder::new()
             .name("strata-digest".into())

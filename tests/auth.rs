@@ -60,24 +60,10 @@ impl PrivateRegistry {
     }
 }
 
-fn json_error(status: u16, headers: &str, body: &[u8]) -> Value {
-    assert_eq!(
-        header_value(headers, "content-type").as_deref(),
-        Some("application/json"),
-        "{status}"
-    );
-    serde_json::from_slice(body).unwrap()
-}
-
-#[test]
-fn private_images_need_the_callers_own_credentials() {
-    let Some(_env) = env() else { return };
-    let registry = PrivateRegistry::start();
-    let layout = scratch("private-layout");
-    let image = Image::new(vec![(
-        Layer::new().file("secret-file", 0o600, b"private"),
-        Comp::Gzip,
-    )]);
+/// Writes `layers` as an OCI layout and pushes it to the private registry as `repo:v1`.
+fn push_private(registry: &PrivateRegistry, name: &str, layers: Vec<Layer>, repo: &str) {
+    let layout = scratch(name);
+    let image = Image::new(layers.into_iter().map(|l| (l, Comp::Gzip)).collect());
     write_layout(&layout, &[image], "v1");
     run(Command::new("skopeo")
         .args([
@@ -88,21 +74,29 @@ fn private_images_need_the_callers_own_credentials() {
         ])
         .args(["--dest-creds", &format!("{USER}:{PASSWORD}")])
         .arg(format!("oci:{}:v1", layout.display()))
-        .arg(format!("docker://{}/private/app:v1", registry.addr)));
+        .arg(format!("docker://{}/{repo}:v1", registry.addr)));
+}
+
+#[test]
+fn private_images_need_the_callers_own_credentials() {
+    let Some(_env) = env() else { return };
+    let registry = PrivateRegistry::start();
+    push_private(
+        &registry,
+        "private-layout",
+        vec![Layer::new().file("secret-file", 0o600, b"private")],
+        "private/app",
+    );
 
     let server = Server::start_logging(&registry.addr, &[], "debug");
     let url = format!("{}/squash/{}/private/app:v1", server.url, registry.addr);
 
     let anonymous = || {
-        let (status, headers, body) = curl(&[&url]);
-        assert_eq!(status, 401, "{}", String::from_utf8_lossy(&body));
-        let v = json_error(status, &headers, &body);
+        let v = json_error(&url, 401);
         assert_eq!(v["error"]["code"], "UNAUTHORIZED", "{v}");
     };
     anonymous();
-    let (status, headers, body) = curl(&["-u", &format!("{USER}:wrong"), &url]);
-    assert_eq!(status, 401, "{}", String::from_utf8_lossy(&body));
-    json_error(status, &headers, &body);
+    json_error_curl(&["-u", &format!("{USER}:wrong"), &url], 401);
 
     let (status, headers, body) = curl(&["-f", "-u", &format!("{USER}:{PASSWORD}"), &url]);
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
@@ -144,23 +138,16 @@ fn private_images_need_the_callers_own_credentials() {
 fn blob_redirects_to_another_host_carry_no_credentials() {
     let Some(_env) = env() else { return };
     let registry = PrivateRegistry::start();
-    let layout = scratch("redirect-layout");
-    let image = Image::new(vec![
-        (Layer::new().file("a", 0o644, b"a"), Comp::Gzip),
-        (Layer::new().file("b", 0o644, b"b"), Comp::Gzip),
-    ]);
-    write_layout(&layout, &[image], "v1");
+    push_private(
+        &registry,
+        "redirect-layout",
+        vec![
+            Layer::new().file("a", 0o644, b"a"),
+            Layer::new().file("b", 0o644, b"b"),
+        ],
+        "private/redirected",
+    );
     let creds = format!("{USER}:{PASSWORD}");
-    run(Command::new("skopeo")
-        .args([
-            "copy",
-            "--quiet",
-            "--preserve-digests",
-            "--dest-tls-verify=false",
-        ])
-        .args(["--dest-creds", &creds])
-        .arg(format!("oci:{}:v1", layout.display()))
-        .arg(format!("docker://{}/private/redirected:v1", registry.addr)));
 
     // `front` is the registry strata knows; `storage` the other host its blobs redirect to, which lets
     // requests in on its own authority, as a presigned URL would.

@@ -7,7 +7,7 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::fixtures::{noise, Comp, Image, Layer};
+use common::fixtures::{noise, Layer};
 use common::proxy::{Fault, Proxy};
 use common::*;
 use serde_json::Value;
@@ -23,19 +23,15 @@ fn slow_image(
     len: usize,
     rate: u64,
 ) -> String {
-    publish(
+    let blob = publish_layer(
         env,
         name,
-        vec![Image::new(vec![(
-            Layer::new().file("payload", 0o644, &noise(len, 9)),
-            Comp::Gzip,
-        )])],
+        Layer::new().file("payload", 0o644, &noise(len, 9)),
     );
-    let blob = &layer_digests(&env.registry, &format!("fixtures/{name}"), "v1")[0][7..];
     let r = format!("{}/fixtures/{name}:v1", proxy.addr);
     let (status, _, _) = curl(&["-f", &format!("{}/squash/{r}", server.url)]);
     assert_eq!(status, 200);
-    proxy.rule(blob, Fault::Throttle(rate), None);
+    proxy.rule(&blob, Fault::Throttle(rate), None);
     r
 }
 
@@ -138,15 +134,11 @@ fn a_slow_reader_pushes_back_on_the_registry() {
     let proxy = Proxy::start(&env.registry);
     let server = Server::start(&proxy.addr, &[]);
     let name = "slow-reader";
-    publish(
+    let blob = publish_layer(
         &env,
         name,
-        vec![Image::new(vec![(
-            Layer::new().file("payload", 0o644, &noise(96 << 20, 5)),
-            Comp::Gzip,
-        )])],
+        Layer::new().file("payload", 0o644, &noise(96 << 20, 5)),
     );
-    let blob = layer_digests(&env.registry, &format!("fixtures/{name}"), "v1")[0][7..].to_string();
     let url = format!("{}/squash/{}/fixtures/{name}:v1", server.url, proxy.addr);
     let (status, _, _) = curl(&["-f", "-o", "/dev/null", &url]);
     assert_eq!(status, 200);

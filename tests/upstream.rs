@@ -6,21 +6,13 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::fixtures::{Comp, Image, Layer};
+use common::fixtures::Layer;
 use common::proxy::{Fault, Proxy};
 use common::*;
 use serde_json::Value;
 
 fn image(env: &Env, name: &str) -> String {
-    publish(
-        env,
-        name,
-        vec![Image::new(vec![(
-            Layer::new().file("f", 0o644, b"content"),
-            Comp::Gzip,
-        )])],
-    );
-    layer_digests(&env.registry, &format!("fixtures/{name}"), "v1")[0][7..].to_string()
+    publish_layer(env, name, Layer::new().file("f", 0o644, b"content"))
 }
 
 #[test]
@@ -152,15 +144,11 @@ fn a_blob_that_stalls_midway_times_out() {
     let proxy = Proxy::start(&env.registry);
     let server = Server::start(&proxy.addr, &["--upstream-idle-timeout", "1"]);
     let name = "stall";
-    publish(
+    let blob = publish_layer(
         &env,
         name,
-        vec![Image::new(vec![(
-            Layer::new().file("f", 0o644, &common::fixtures::noise(1 << 20, 4)),
-            Comp::Gzip,
-        )])],
+        Layer::new().file("f", 0o644, &common::fixtures::noise(1 << 20, 4)),
     );
-    let blob = layer_digests(&env.registry, &format!("fixtures/{name}"), "v1")[0][7..].to_string();
     let url = format!("{}/squash/{}/fixtures/{name}:v1", server.url, proxy.addr);
 
     proxy.rule(

@@ -182,10 +182,6 @@ impl<W: Write> LayerWriter<W> {
         }
     }
 
-    pub fn written(&self) -> u64 {
-        self.written
-    }
-
     /// Pads to the announced size; returns the writer.
     pub fn finish(mut self) -> io::Result<W> {
         let rest = self.limit - self.written;

@@ -110,6 +110,14 @@ pub fn publish_as(env: &Env, name: &str, images: Vec<fixtures::Image>, format: &
     format!("{}/fixtures/{name}:v1", env.registry)
 }
 
+/// Pushes a one-layer gzip image `fixtures/<name>:v1`; returns its layer blob's digest, hex only (what
+/// the proxy's rules match in blob URLs).
+pub fn publish_layer(env: &Env, name: &str, layer: fixtures::Layer) -> String {
+    let image = fixtures::Image::new(vec![(layer, fixtures::Comp::Gzip)]);
+    publish(env, name, vec![image]);
+    layer_digests(&env.registry, &format!("fixtures/{name}"), "v1")[0][7..].to_string()
+}
+
 /// The digests of an image's layer blobs, bottom first, as the registry serves its manifest.
 pub fn layer_digests(registry: &str, repo: &str, tag: &str) -> Vec<String> {
     let (status, _, body) = curl(&[
@@ -406,17 +414,22 @@ pub fn curl(args: &[&str]) -> (u16, String, Vec<u8>) {
 /// GETs `url`, which must fail before the first byte with `status` and a JSON error body
 /// `{"error":{"code":…,"message":…}}`; returns the body.
 pub fn json_error(url: &str, status: u16) -> serde_json::Value {
-    let (got, headers, body) = curl(&[url]);
-    assert_eq!(got, status, "{url}: {}", String::from_utf8_lossy(&body));
+    json_error_curl(&[url], status)
+}
+
+/// Same, with more curl arguments (credentials, say) before the URL.
+pub fn json_error_curl(args: &[&str], status: u16) -> serde_json::Value {
+    let (got, headers, body) = curl(args);
+    assert_eq!(got, status, "{args:?}: {}", String::from_utf8_lossy(&body));
     assert_eq!(
         header_value(&headers, "content-type").as_deref(),
         Some("application/json"),
-        "{url}"
+        "{args:?}"
     );
     let v: serde_json::Value = serde_json::from_slice(&body).expect("a JSON body");
     assert!(
         v["error"]["code"].is_string() && v["error"]["message"].is_string(),
-        "{url}: {v}"
+        "{args:?}: {v}"
     );
     v
 }

@@ -110,10 +110,6 @@ impl Proxy {
         self.state.lock().unwrap().authorization = Some(value.to_string());
     }
 
-    pub fn clear_rules(&self) {
-        self.state.lock().unwrap().rules.clear();
-    }
-
     /// The requests whose path contains `fragment`, oldest first.
     pub fn requests(&self, fragment: &str) -> Vec<Request> {
         let state = self.state.lock().unwrap();
