@@ -37,6 +37,14 @@ pub enum Command {
         /// Seconds in-flight conversions may run after SIGTERM/SIGINT.
         #[arg(long, default_value_t = 30)]
         shutdown_grace: u64,
+        /// Name prefix of the ACIs served (a host name, no port), answered by appc discovery.
+        #[arg(long)]
+        public_name: Option<String>,
+        /// Base URL the discovery templates point to (default: the one discovery was asked on).
+        #[arg(long, requires = "public_name")]
+        public_url: Option<String>,
+        #[command(flatten)]
+        signing: SigningArgs,
         #[command(flatten)]
         source: SourceArgs,
     },
@@ -59,11 +67,75 @@ pub enum Command {
         #[command(flatten)]
         source: SourceArgs,
     },
+    /// Write the appc ACI of one image, the same bytes the server sends for the same name and tag.
+    Aci {
+        /// Image reference, docker syntax.
+        reference: String,
+        /// Output file, or `-` for standard output.
+        #[arg(short, long)]
+        output: String,
+        /// The ACI's name (default: the reference's repository path).
+        #[arg(long)]
+        name: Option<String>,
+        /// Platform to pick from a multi-platform image (OCI spelling).
+        #[arg(long, default_value = "linux/amd64")]
+        platform: String,
+        /// Also write the detached signature here (needs --signing-key).
+        #[arg(long, requires = "signing_key")]
+        signature: Option<PathBuf>,
+        /// Read `user:password` for the registry from the STRATA_AUTH environment variable.
+        #[arg(long)]
+        credentials_from_env: bool,
+        #[command(flatten)]
+        signing: SigningArgs,
+        #[command(flatten)]
+        source: SourceArgs,
+    },
+    /// Write a new OpenPGP signing key (ECDSA P-256 or RSA, v4, as rkt verifies) for ACI signatures.
+    Keygen {
+        /// Secret key file (armored); the public key goes to FILE.pub.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// User id of the key.
+        #[arg(long, default_value = "strata ACI signing key")]
+        user_id: String,
+        /// Key algorithm.
+        #[arg(long, value_enum, default_value_t = crate::sign::KeyKind::EcdsaP256)]
+        algorithm: crate::sign::KeyKind,
+    },
     /// Write a small generated image as an OCI layout, to try strata without a registry.
     SampleLayout {
         /// Directory to write.
         dir: PathBuf,
     },
+}
+
+#[derive(Args, Debug)]
+pub struct SigningArgs {
+    /// Armored OpenPGP secret key (unprotected) that signs ACIs; see `strata keygen`.
+    #[arg(long, env = "STRATA_SIGNING_KEY")]
+    pub signing_key: Option<PathBuf>,
+}
+
+impl SigningArgs {
+    pub fn signer(&self) -> anyhow::Result<Option<std::sync::Arc<crate::sign::Signer>>> {
+        let Some(path) = &self.signing_key else {
+            return Ok(None);
+        };
+        let armored =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let signer = crate::sign::Signer::from_armored(&armored)
+            .with_context(|| format!("signing key {}", path.display()))?;
+        Ok(Some(std::sync::Arc::new(signer)))
+    }
+}
+
+/// The appc name prefix: an ACIdentifier host name, so no port and no path.
+pub fn public_name(name: &str) -> anyhow::Result<String> {
+    if !crate::format::aci::names::is_ac_identifier(name) || name.contains('/') {
+        bail!("--public-name {name:?} must be a lower-case host name without port or path");
+    }
+    Ok(name.to_string())
 }
 
 #[derive(Args, Debug)]
@@ -155,6 +227,7 @@ impl SourceArgs {
                 max_image_bytes: self.max_image_bytes,
             },
             upstream_idle_timeout: Duration::from_secs(self.upstream_idle_timeout),
+            signer: None,
         })
     }
 }
@@ -169,6 +242,7 @@ pub fn server_settings(
     Ok(ServerSettings {
         max_concurrent,
         shutdown_grace: Duration::from_secs(shutdown_grace),
+        ..Default::default()
     })
 }
 

@@ -20,14 +20,16 @@ use tokio_util::io::{StreamReader, SyncIoBridge};
 
 use crate::digest::Digest;
 use crate::entry::{self, Item};
+use crate::format::aci::{self, AciArchive, Identity, ManifestPlan, RootfsSink};
 use crate::format::docker_archive::{DockerArchive, LayerWriter, SizeExceeded};
 use crate::layer;
 use crate::limits::{Budget, Guard, Limits};
 use crate::manifest::{self, LayerDescriptor, Platform, ResolvedImage};
-use crate::merge::{merge_tar, LayerHints, MergeError, Merger, TarSink};
+use crate::merge::{merge_tar, LayerHints, MergeError, Merger, Sink, TarSink};
 use crate::oci_layout::OciLayout;
 use crate::reference::Reference;
 use crate::registry::{self, Credentials};
+use crate::sign::{InFlight, Signatures, Signer};
 use crate::source::{read_ahead, BlobStream, Source, SourceError, TransferError};
 use crate::summary::{self, Store};
 
@@ -42,6 +44,18 @@ pub struct SquashRequest {
     pub credentials: Credentials,
 }
 
+/// An ACI of an image, named and labelled as appc discovery asked for it.
+#[derive(Debug, Clone)]
+pub struct AciRequest {
+    pub reference: Reference,
+    pub platform: Platform,
+    pub credentials: Credentials,
+    /// The ACIdentifier the image is fetched by (`<public name>/<repository>`).
+    pub name: String,
+    /// The `version` label; `None` takes the reference's tag (or `latest`).
+    pub version: Option<String>,
+}
+
 /// The output bytes, as the HTTP body or the CLI's file reads them.
 pub type ByteStream = Pin<Box<dyn Stream<Item = std::io::Result<Bytes>> + Send>>;
 
@@ -53,6 +67,24 @@ pub struct Prepared {
     pub etag: String,
     /// Body; dropping it stops the conversion and its upstream fetches.
     pub body: ByteStream,
+}
+
+/// An ACI whose bytes have not started; its length is not known ahead.
+pub struct PreparedAci {
+    /// Strong validator, and the key its signature is kept under.
+    pub etag: String,
+    pub name: String,
+    /// Body; when it has run to its end the signature (if a key is configured) is kept.
+    pub body: ByteStream,
+}
+
+/// The detached signature of an ACI.
+#[derive(Debug)]
+pub enum AciSignature {
+    /// ASCII-armored, ready.
+    Ready(String),
+    /// Not computed yet: no conversion of these bytes has finished. `key` names the signature.
+    Pending { key: String },
 }
 
 /// Errors before the first byte, each with the HTTP status a caller should see.
@@ -125,6 +157,8 @@ pub struct ConverterConfig {
     pub limits: Limits,
     /// How long a registry may send nothing in the middle of a blob.
     pub upstream_idle_timeout: std::time::Duration,
+    /// Signs ACIs when set.
+    pub signer: Option<Arc<Signer>>,
 }
 
 /// Output bytes buffered per chunk sent to the body: large enough to amortise the channel, small
@@ -137,12 +171,17 @@ const CHANNEL_DEPTH: usize = 8;
 const READ_BUF: usize = 256 * 1024;
 /// Bump when the output bytes change for the same input, so ETags and layer ids change with them.
 const OUTPUT_VERSION: &str = "strata-squash-v1";
+/// The same for ACIs (and the signatures kept for them).
+const ACI_VERSION: &str = "strata-aci-v1";
+/// How long a signature request waits for a conversion of the same bytes that is under way.
+const SIGNATURE_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Shared by all requests of a server (or the one request of the CLI).
 pub struct Converter {
     config: ConverterConfig,
     source: Source,
     store: Store,
+    signatures: Signatures,
 }
 
 impl Converter {
@@ -160,10 +199,12 @@ impl Converter {
             }))),
         };
         let store = Store::new(config.cache_dir.clone());
+        let signatures = Signatures::new(config.cache_dir.clone());
         Ok(Converter {
             config,
             source,
             store,
+            signatures,
         })
     }
 
@@ -203,33 +244,9 @@ impl Converter {
             tag,
             credentials,
         } = request;
-        self.check_allowed(&reference)?;
-        let image = manifest::resolve(&self.source, &reference, &platform, &credentials)
-            .await
-            .map_err(source_error)?;
-
-        let summaries = self.summaries(&image, &credentials).await?;
-        let manifest_hex = image.manifest_digest.hex().to_string();
-        let store = self.store.clone();
-        let (layer_size, hints) = tokio::task::spawn_blocking(move || -> Result<_, Error> {
-            let refs: Vec<&[Item]> = summaries.iter().map(|s| &s[..]).collect();
-            let size = match store.load_size(&manifest_hex) {
-                Some(size) => size,
-                None => {
-                    let size = summary::merged_size(&refs)
-                        .map_err(|e| Error::InvalidImage(e.to_string()))?;
-                    store.save_size(&manifest_hex, size);
-                    size
-                }
-            };
-            let hints: Vec<LayerHints> = refs
-                .iter()
-                .map(|items| LayerHints::from_items(items))
-                .collect();
-            Ok((size, hints))
-        })
-        .await
-        .map_err(|e| Error::Internal(e.to_string()))??;
+        let image = self.resolve(&reference, &platform, &credentials).await?;
+        let (layer_size, hints) = self.analyse(&image, &credentials, true).await?;
+        let layer_size = layer_size.expect("sized when asked");
 
         let id = hex::encode(Sha256::digest(format!(
             "{OUTPUT_VERSION}\n{}",
@@ -271,7 +288,7 @@ impl Converter {
             credentials,
             image,
             hints,
-            archive,
+            output: Output::Docker(archive),
             limits: self.config.limits,
         };
         Ok(Prepared {
@@ -279,6 +296,176 @@ impl Converter {
             etag,
             body: job.start(),
         })
+    }
+
+    async fn resolve(
+        &self,
+        reference: &Reference,
+        platform: &Platform,
+        credentials: &Credentials,
+    ) -> Result<ResolvedImage, Error> {
+        self.check_allowed(reference)?;
+        manifest::resolve(&self.source, reference, platform, credentials)
+            .await
+            .map_err(source_error)
+    }
+
+    /// The merge hints of every layer and, when `sizing`, the exact merged-layer size.
+    async fn analyse(
+        &self,
+        image: &ResolvedImage,
+        credentials: &Credentials,
+        sizing: bool,
+    ) -> Result<(Option<u64>, Vec<LayerHints>), Error> {
+        let summaries = self.summaries(image, credentials).await?;
+        let manifest_hex = image.manifest_digest.hex().to_string();
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || -> Result<_, Error> {
+            let refs: Vec<&[Item]> = summaries.iter().map(|s| &s[..]).collect();
+            let size = match store.load_size(&manifest_hex) {
+                _ if !sizing => None,
+                Some(size) => Some(size),
+                None => {
+                    let size = summary::merged_size(&refs)
+                        .map_err(|e| Error::InvalidImage(e.to_string()))?;
+                    store.save_size(&manifest_hex, size);
+                    Some(size)
+                }
+            };
+            let hints: Vec<LayerHints> = refs
+                .iter()
+                .map(|items| LayerHints::from_items(items))
+                .collect();
+            Ok((size, hints))
+        })
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))?
+    }
+
+    /// The ACI's identity: its name, labels and the key its bytes (and signature) are known by.
+    fn aci_identity(
+        &self,
+        request: &AciRequest,
+        image: &ResolvedImage,
+    ) -> Result<(Identity, String), Error> {
+        let name = if aci::names::is_ac_identifier(&request.name) {
+            request.name.clone()
+        } else {
+            aci::names::sanitize_ac_identifier(&request.name).ok_or_else(|| {
+                Error::BadRequest(format!("{:?} cannot be an appc name", request.name))
+            })?
+        };
+        let version = request
+            .version
+            .clone()
+            .or_else(|| request.reference.tag.clone())
+            .unwrap_or_else(|| "latest".into());
+        let arch = aci::names::appc_arch(
+            &image.platform.architecture,
+            image.platform.variant.as_deref(),
+        )
+        .ok_or_else(|| {
+            Error::NotFound(format!(
+                "{}: appc has no name for the architecture {}",
+                request.reference, image.platform
+            ))
+        })?;
+        if image.platform.os != "linux" {
+            return Err(Error::NotFound(format!(
+                "{}: only linux images become ACIs, not {}",
+                request.reference, image.platform.os
+            )));
+        }
+        let identity = Identity {
+            name,
+            version,
+            os: image.platform.os.clone(),
+            arch: arch.to_string(),
+            registry: request.reference.registry.clone(),
+            repository: request.reference.repository.clone(),
+            manifest_digest: image.manifest_digest.to_string(),
+            config_digest: image.config_digest.to_string(),
+        };
+        let etag = hex::encode(Sha256::digest(format!(
+            "{ACI_VERSION}\n{}\n{}\n{}\n{}\n{}",
+            identity.manifest_digest, identity.name, identity.version, identity.os, identity.arch
+        )));
+        Ok((identity, etag))
+    }
+
+    /// Resolves the image and plans its manifest; the returned body streams the ACI and, at its end,
+    /// keeps its signature.
+    pub async fn prepare_aci(&self, request: AciRequest) -> Result<PreparedAci, Error> {
+        let image = self
+            .resolve(&request.reference, &request.platform, &request.credentials)
+            .await?;
+        let (identity, etag) = self.aci_identity(&request, &image)?;
+        let plan = ManifestPlan::new(&image.config, identity.clone())
+            .map_err(|e| Error::InvalidImage(format!("{}: as an ACI: {e}", request.reference)))?;
+        let (_, hints) = self.analyse(&image, &request.credentials, false).await?;
+        tracing::info!(
+            image = %request.reference,
+            manifest = %image.manifest_digest,
+            name = %identity.name,
+            layers = image.layers.len(),
+            "prepared ACI"
+        );
+        let signing = self.config.signer.as_ref().map(|signer| Signing {
+            signer: signer.clone(),
+            signatures: self.signatures.clone(),
+            in_flight: self.signatures.start(&signer.key_id(&etag)),
+        });
+        let job = Job {
+            source: self.source.clone(),
+            store: self.store.clone(),
+            reference: request.reference,
+            credentials: request.credentials,
+            image,
+            hints,
+            output: Output::Aci {
+                archive: Box::new(AciArchive::new(plan)),
+                signing,
+            },
+            limits: self.config.limits,
+        };
+        Ok(PreparedAci {
+            etag,
+            name: identity.name,
+            body: job.start(),
+        })
+    }
+
+    /// The ACI's detached signature: kept from an earlier conversion, or awaited from one under way.
+    /// `Ok(None)` when this service signs nothing.
+    pub async fn aci_signature(&self, request: &AciRequest) -> Result<Option<AciSignature>, Error> {
+        let Some(signer) = &self.config.signer else {
+            return Ok(None);
+        };
+        let image = self
+            .resolve(&request.reference, &request.platform, &request.credentials)
+            .await?;
+        let (_, etag) = self.aci_identity(request, &image)?;
+        let key = signer.key_id(&etag);
+        let deadline = tokio::time::Instant::now() + SIGNATURE_WAIT;
+        loop {
+            if let Some(sig) = self.signatures.load(&key) {
+                return Ok(Some(AciSignature::Ready(sig)));
+            }
+            if !self.signatures.in_flight(&key) || tokio::time::Instant::now() >= deadline {
+                return Ok(Some(AciSignature::Pending { key }));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Marks the signature under `key` as coming: requests for it wait while the guard lives.
+    pub fn signature_in_flight(&self, key: &str) -> InFlight {
+        self.signatures.start(key)
+    }
+
+    /// The public half of the signing key, armored.
+    pub fn public_key(&self) -> Option<&str> {
+        self.config.signer.as_deref().map(Signer::public_key)
     }
 
     /// Each layer's summary, bottom first: remembered ones from disk, the others from a counting
@@ -407,15 +594,34 @@ struct Job {
     credentials: Credentials,
     image: ResolvedImage,
     hints: Vec<LayerHints>,
-    archive: DockerArchive,
+    output: Output,
     limits: Limits,
+}
+
+enum Output {
+    Docker(DockerArchive),
+    Aci {
+        archive: Box<AciArchive>,
+        signing: Option<Signing>,
+    },
+}
+
+/// Signing an ACI while it streams, and keeping the signature.
+struct Signing {
+    signer: Arc<Signer>,
+    signatures: Signatures,
+    in_flight: InFlight,
 }
 
 impl Job {
     fn start(self) -> ByteStream {
         let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
         let handle = Handle::current();
-        let span = tracing::info_span!("squash", image = %self.reference, manifest = %self.image.manifest_digest);
+        let format = match self.output {
+            Output::Docker(_) => "squash",
+            Output::Aci { .. } => "aci",
+        };
+        let span = tracing::info_span!("convert", format, image = %self.reference, manifest = %self.image.manifest_digest);
         tokio::task::spawn_blocking(move || {
             let _enter = span.enter();
             let mut out = ChannelWriter::new(tx.clone());
@@ -460,12 +666,63 @@ impl Job {
     }
 
     fn run(&self, out: &mut ChannelWriter, handle: &Handle) -> io::Result<()> {
-        self.archive.write_head(out)?;
+        match &self.output {
+            Output::Docker(archive) => self.run_docker(archive, out, handle),
+            Output::Aci { archive, signing } => {
+                self.run_aci(archive, signing.as_ref(), out, handle)
+            }
+        }
+    }
+
+    fn run_docker(
+        &self,
+        archive: &DockerArchive,
+        out: &mut ChannelWriter,
+        handle: &Handle,
+    ) -> io::Result<()> {
+        archive.write_head(out)?;
         // The first byte leaves now, not when a chunk fills: the client learns the transfer has begun.
         out.flush()?;
-        out.digest_next(self.archive.layer_size());
-        let mut layer_out = LayerWriter::new(&mut *out, self.archive.layer_size());
+        out.tap_next(archive.layer_size(), sha256_tap);
+        let mut layer_out = LayerWriter::new(&mut *out, archive.layer_size());
         let mut sink = TarSink(&mut layer_out);
+        self.merge_layers(&mut sink, handle)?;
+        entry::write_end(&mut sink.0)?;
+        layer_out.finish()?;
+        let diff_id = String::from_utf8(out.finish_tap()?).expect("hex digest");
+        archive.write_tail(out, &diff_id)
+    }
+
+    fn run_aci(
+        &self,
+        archive: &AciArchive,
+        signing: Option<&Signing>,
+        out: &mut ChannelWriter,
+        handle: &Handle,
+    ) -> io::Result<()> {
+        if let Some(s) = signing {
+            let signer = s.signer.clone();
+            out.tap_next(u64::MAX, move |chunks| signer.sign_stream(chunks));
+        }
+        archive.write_head(out)?;
+        out.flush()?;
+        let mut sink = RootfsSink::new(TarSink(&mut *out));
+        self.merge_layers(&mut sink, handle)?;
+        let accounts = std::mem::take(&mut sink.accounts);
+        drop(sink);
+        archive.write_tail(out, &accounts)?;
+        if let Some(s) = signing {
+            // Kept before the last bytes leave: a client that asks for the signature as soon as its
+            // download ends finds it.
+            let signature = out.finish_tap()?;
+            s.signatures
+                .save(s.in_flight.key(), &String::from_utf8_lossy(&signature));
+        }
+        Ok(())
+    }
+
+    /// Merges the layers top-down into `sink`.
+    fn merge_layers(&self, sink: &mut dyn Sink, handle: &Handle) -> io::Result<()> {
         let mut merger = Merger::new();
         let budget = Arc::new(Budget::default());
         let layers: Vec<_> = self.image.layers.iter().zip(&self.hints).rev().collect();
@@ -476,7 +733,7 @@ impl Job {
                 tracing::debug_span!("layer", digest = %layer.digest, size = layer.size).entered();
             merger.begin_layer(depth as u32, (*hints).clone());
             // What is ready goes out while this layer's fetch may still wait on the network.
-            sink.0.flush()?;
+            sink.flush()?;
             let this = next.take().expect("fetched ahead");
             next = layers.get(depth + 1).map(|(l, _)| self.fetch(l, handle));
             let stream = this.wait(handle)?;
@@ -491,14 +748,19 @@ impl Job {
                 self.limits,
                 budget.clone(),
             );
-            merge_tar(&mut merger, tar, &mut sink).map_err(|e| layer_error_io(&layer.digest, e))?;
+            merge_tar(&mut merger, tar, sink).map_err(|e| layer_error_io(&layer.digest, e))?;
         }
-        merger.finish(&mut sink).map_err(io::Error::from)?;
-        entry::write_end(&mut sink.0)?;
-        layer_out.finish()?;
-        let diff_id = out.range_digest()?;
-        self.archive.write_tail(out, &diff_id)
+        merger.finish(sink).map_err(io::Error::from)
     }
+}
+
+/// `sha256:…` of every chunk received.
+fn sha256_tap(chunks: std::sync::mpsc::Receiver<Bytes>) -> io::Result<Vec<u8>> {
+    let mut hasher = Sha256::new();
+    for chunk in chunks {
+        hasher.update(&chunk);
+    }
+    Ok(format!("sha256:{}", hex::encode(hasher.finalize())).into_bytes())
 }
 
 /// A layer fetch started on the runtime; aborted if dropped before it is waited for.
@@ -533,24 +795,43 @@ fn layer_error_io(digest: &Digest, e: MergeError) -> io::Error {
 /// `Write` into the body channel, in [`CHUNK`]-sized pieces. A closed channel (the client went away)
 /// is a `BrokenPipe`, which stops the merge and with it the upstream fetches.
 ///
-/// It can also digest one range of what it sends (the layer member, for its diff_id) on a thread of
-/// its own: the chunks are shared, not copied, and SHA-256 leaves the merge thread.
+/// It can also hand one range of what it sends to a "tap" on a thread of its own (a digest, a
+/// signature): the chunks are shared, not copied, and the hashing leaves the merge thread.
 struct ChannelWriter {
     tx: mpsc::Sender<io::Result<Bytes>>,
     buf: BytesMut,
     /// Bytes sent so far.
     sent: u64,
-    digest: Option<RangeDigest>,
+    tap: Option<Tap>,
 }
 
-/// Chunks queued for the digest thread; it keeps pace with the body, so a few suffice.
-const DIGEST_DEPTH: usize = 4;
+/// Chunks queued for a tap thread; it keeps pace with the body, so a few suffice.
+const TAP_DEPTH: usize = 4;
 
-struct RangeDigest {
+struct Tap {
+    /// Stream offsets of the range.
     start: u64,
     end: u64,
+    /// Offset up to which the tap has been fed.
+    fed: u64,
     tx: std::sync::mpsc::SyncSender<Bytes>,
-    thread: std::thread::JoinHandle<Sha256>,
+    thread: std::thread::JoinHandle<io::Result<Vec<u8>>>,
+}
+
+impl Tap {
+    /// Feeds the part of `chunk` (at stream offset `offset`) that lies in the range and beyond `fed`.
+    fn feed(&mut self, chunk: &Bytes, offset: u64) -> io::Result<()> {
+        let end = offset + chunk.len() as u64;
+        let from = self.start.max(self.fed).clamp(offset, end) - offset;
+        let to = self.end.clamp(offset, end) - offset;
+        if from < to {
+            self.tx
+                .send(chunk.slice(from as usize..to as usize))
+                .map_err(|_| io::Error::other("tap thread ended early"))?;
+            self.fed = offset + to;
+        }
+        Ok(())
+    }
 }
 
 impl ChannelWriter {
@@ -559,7 +840,7 @@ impl ChannelWriter {
             tx,
             buf: BytesMut::with_capacity(CHUNK),
             sent: 0,
-            digest: None,
+            tap: None,
         }
     }
 
@@ -568,41 +849,43 @@ impl ChannelWriter {
         self.sent + self.buf.len() as u64
     }
 
-    /// Digests the next `len` bytes written.
-    fn digest_next(&mut self, len: u64) {
+    /// Hands the next `len` bytes written (`u64::MAX`: all the rest) to `consume` on its own thread.
+    fn tap_next<F>(&mut self, len: u64, consume: F)
+    where
+        F: FnOnce(std::sync::mpsc::Receiver<Bytes>) -> io::Result<Vec<u8>> + Send + 'static,
+    {
         let start = self.position();
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Bytes>(DIGEST_DEPTH);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Bytes>(TAP_DEPTH);
         let thread = std::thread::Builder::new()
-            .name("strata-digest".into())
-            .spawn(move || {
-                let mut hasher = Sha256::new();
-                for chunk in rx {
-                    hasher.update(&chunk);
-                }
-                hasher
-            })
+            .name("strata-tap".into())
+            .spawn(move || consume(rx))
             .expect("a thread can be started");
-        self.digest = Some(RangeDigest {
+        self.tap = Some(Tap {
             start,
-            end: start + len,
+            end: start.saturating_add(len),
+            fed: start,
             tx,
             thread,
         });
     }
 
-    /// `sha256:…` of the range, once all of it has been written.
-    fn range_digest(&mut self) -> io::Result<String> {
-        let range = self.digest.as_ref().expect("a range is being digested");
-        if self.position() < range.end {
-            return Err(io::Error::other("digest range not fully written"));
+    /// The tap's result, once its range is written (or, for an open range, at this point). Bytes
+    /// written but not yet sent are fed to it without being sent: a caller can act on the result
+    /// before the client receives them.
+    fn finish_tap(&mut self) -> io::Result<Vec<u8>> {
+        let mut tap = self.tap.take().expect("a range is being tapped");
+        if tap.end != u64::MAX && self.position() < tap.end {
+            return Err(io::Error::other("tapped range not fully written"));
         }
-        self.send()?;
-        let RangeDigest { tx, thread, .. } = self.digest.take().expect("checked above");
+        if !self.buf.is_empty() {
+            let pending = Bytes::copy_from_slice(&self.buf);
+            tap.feed(&pending, self.sent)?;
+        }
+        let Tap { tx, thread, .. } = tap;
         drop(tx);
-        let hasher = thread
+        thread
             .join()
-            .map_err(|_| io::Error::other("digest thread panicked"))?;
-        Ok(format!("sha256:{}", hex::encode(hasher.finalize())))
+            .map_err(|_| io::Error::other("tap thread panicked"))?
     }
 
     fn send(&mut self) -> io::Result<()> {
@@ -613,13 +896,8 @@ impl ChannelWriter {
         self.buf.reserve(CHUNK);
         let offset = self.sent;
         self.sent += chunk.len() as u64;
-        if let Some(d) = &self.digest {
-            let from = d.start.clamp(offset, self.sent) - offset;
-            let to = d.end.clamp(offset, self.sent) - offset;
-            if from < to {
-                d.tx.send(chunk.slice(from as usize..to as usize))
-                    .map_err(|_| io::Error::other("digest thread ended early"))?;
-            }
+        if let Some(tap) = &mut self.tap {
+            tap.feed(&chunk, offset)?;
         }
         self.tx
             .blocking_send(Ok(chunk))

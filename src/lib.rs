@@ -14,7 +14,8 @@
 //! - [`entry`]: one tar entry's metadata, read from a layer and written back canonically.
 //! - [`merge`]: the top-down layer merger (whiteouts, opaque dirs, hardlinks).
 //! - [`summary`]: per-layer entry listings, remembered on disk, that size the merged layer exactly.
-//! - [`format`]: output formats (the docker-load archive).
+//! - [`format`]: output formats (the docker-load archive, the appc ACI and its manifest).
+//! - [`sign`]: OpenPGP detached signatures of ACIs, made while they stream, and kept.
 //! - [`convert`]: one conversion from request to byte stream, the sync/async boundary.
 //! - [`server`]: the HTTP front: routes, errors as JSON, streaming bodies.
 //! - [`cli`]: command-line flags turned into a validated configuration.
@@ -34,5 +35,6 @@ pub mod reference;
 pub mod registry;
 pub mod sample;
 pub mod server;
+pub mod sign;
 pub mod source;
 pub mod summary;

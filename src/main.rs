@@ -8,7 +8,7 @@ use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
 
 use strata::cli::{self, Cli, Command};
-use strata::convert::{Converter, SquashRequest};
+use strata::convert::{AciRequest, AciSignature, Converter, SquashRequest};
 use strata::registry::Credentials;
 
 fn main() -> std::process::ExitCode {
@@ -35,10 +35,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             listen,
             max_concurrent,
             shutdown_grace,
+            public_name,
+            public_url,
+            signing,
             source,
         } => {
-            let settings = cli::server_settings(max_concurrent, shutdown_grace)?;
-            let converter = Arc::new(Converter::new(source.converter_config()?)?);
+            let mut settings = cli::server_settings(max_concurrent, shutdown_grace)?;
+            settings.public_name = public_name.as_deref().map(cli::public_name).transpose()?;
+            settings.public_url = public_url;
+            let mut config = source.converter_config()?;
+            config.signer = signing.signer()?;
+            let converter = Arc::new(Converter::new(config)?);
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
                 .with_context(|| format!("binding {listen}"))?;
@@ -70,7 +77,64 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .prepare(request)
                 .await
                 .map_err(|e| anyhow::anyhow!("{}: {e}", e.code()))?;
-            write_output(&output, prepared.body, prepared.content_length).await
+            write_output(&output, prepared.body, Some(prepared.content_length)).await
+        }
+        Command::Aci {
+            reference,
+            output,
+            name,
+            platform,
+            signature,
+            credentials_from_env,
+            signing,
+            source,
+        } => {
+            let mut config = source.converter_config()?;
+            config.signer = signing.signer()?;
+            let converter = Converter::new(config)?;
+            let credentials = Credentials(if credentials_from_env {
+                Some(cli::credentials_from_env()?)
+            } else {
+                None
+            });
+            let reference = converter.parse_reference(&reference)?;
+            let request = AciRequest {
+                name: name.unwrap_or_else(|| reference.repository.clone()),
+                version: None,
+                reference,
+                platform: cli::platform(&platform)?,
+                credentials,
+            };
+            let prepared = converter
+                .prepare_aci(request.clone())
+                .await
+                .map_err(|e| anyhow::anyhow!("{}: {e}", e.code()))?;
+            write_output(&output, prepared.body, None).await?;
+            if let Some(path) = signature {
+                match converter.aci_signature(&request).await {
+                    Ok(Some(AciSignature::Ready(sig))) => tokio::fs::write(&path, sig)
+                        .await
+                        .with_context(|| format!("writing {}", path.display()))?,
+                    other => anyhow::bail!("no signature was made: {other:?}"),
+                }
+            }
+            Ok(())
+        }
+        Command::Keygen {
+            output,
+            user_id,
+            algorithm,
+        } => {
+            let key = strata::sign::generate(algorithm, &user_id)?;
+            let public = format!("{}.pub", output.display());
+            write_new(&output, key.secret.as_bytes(), 0o600)?;
+            write_new(std::path::Path::new(&public), key.public.as_bytes(), 0o644)?;
+            eprintln!(
+                "strata: signing key {} written to {} (public key: {public})",
+                key.fingerprint,
+                output.display()
+            );
+            Ok(())
         }
         Command::SampleLayout { dir } => {
             strata::sample::write_layout(&dir)
@@ -81,13 +145,36 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// Creates `path` with `mode`, refusing to overwrite: a key file is not something to lose.
+fn write_new(path: &std::path::Path, data: &[u8], mode: u32) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(data)?;
+    file.sync_all()?;
+    Ok(())
+}
+
 /// Streams the body to `output`; a file is written as `FILE.partial` and renamed only when complete,
 /// so a failed conversion never leaves a complete-looking file.
 async fn write_output(
     output: &str,
     mut body: strata::convert::ByteStream,
-    expected: u64,
+    expected: Option<u64>,
 ) -> anyhow::Result<()> {
+    let complete = |written: u64| -> anyhow::Result<()> {
+        match expected {
+            Some(n) if n != written => {
+                anyhow::bail!("conversion ended after {written} of {n} bytes")
+            }
+            _ => Ok(()),
+        }
+    };
     let mut written = 0u64;
     if output == "-" {
         let mut out = tokio::io::stdout();
@@ -116,18 +203,15 @@ async fn write_output(
             let _ = tokio::fs::remove_file(&partial).await;
             return Err(e);
         }
-        if written != expected {
+        if let Err(e) = complete(written) {
             let _ = tokio::fs::remove_file(&partial).await;
-            anyhow::bail!("conversion ended after {written} of {expected} bytes");
+            return Err(e);
         }
         tokio::fs::rename(&partial, output)
             .await
             .with_context(|| format!("renaming {partial}"))?;
     }
-    if written != expected {
-        anyhow::bail!("conversion ended after {written} of {expected} bytes");
-    }
-    Ok(())
+    complete(written)
 }
 
 async fn shutdown_signal() {

@@ -235,7 +235,7 @@ impl Store {
 
 /// Writes through a temporary file and a rename, so readers never see half a file. Failures only cost
 /// the memory of the data: they are logged, not raised.
-fn write_atomic(path: &Path, data: &[u8]) {
+pub(crate) fn write_atomic(path: &Path, data: &[u8]) {
     let result = (|| {
         let dir = path.parent().expect("cache files live in a directory");
         std::fs::create_dir_all(dir)?;

@@ -7,8 +7,9 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use common::fixtures::{Comp, Image, Layer};
+use common::images;
 use common::*;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 /// Fetches the squash of `reference` with curl into a file; returns its path.
 fn fetch(server: &Server, reference: &str, query: &str) -> PathBuf {
@@ -76,82 +77,17 @@ fn check_against_twin(server: &Server, reference: &str, twin: &str, tag: &str) -
     file
 }
 
-fn basic() -> Vec<Image> {
-    vec![Image::new(vec![
-        (
-            Layer::new()
-                .dir("etc", 0o755)
-                .file("etc/os-release", 0o644, b"NAME=fixture\n")
-                .dir("usr", 0o755)
-                .dir("usr/bin", 0o755)
-                .file("usr/bin/app", 0o755, b"#!/bin/sh\necho app\n")
-                .symlink("bin", "usr/bin"),
-            Comp::Gzip,
-        ),
-        (
-            Layer::new()
-                .dir("etc", 0o700)
-                .file("etc/os-release", 0o600, b"NAME=changed\n")
-                .file("new", 0o644, b"n"),
-            Comp::Gzip,
-        ),
-    ])]
-}
-
 #[test]
 fn basic_matches_docker_pull() {
     let Some(env) = env() else { return };
-    let r = publish(&env, "basic", basic());
+    let r = publish(&env, "basic", images::basic());
     check_against_oracle(&env, &r, "strata-test/basic:squashed");
-}
-
-fn whiteouts() -> Vec<Image> {
-    let base = Layer::new()
-        .dir("opq", 0o755)
-        .file("opq/lower1", 0o644, b"l1")
-        .dir("opq/sub", 0o755)
-        .file("opq/sub/deep", 0o644, b"deep")
-        .dir("recreated", 0o755)
-        .file("recreated/old", 0o644, b"old")
-        .file("refile", 0o644, b"old file")
-        .dir("dir2file", 0o755)
-        .file("dir2file/child", 0o644, b"c")
-        .dir("dir2link", 0o755)
-        .file("dir2link/child", 0o644, b"c")
-        .file("file2dir", 0o644, b"f")
-        .dir("gone", 0o755)
-        .file("gone/x", 0o644, b"x")
-        .file("keep", 0o644, b"keep");
-    let upper = Layer::new()
-        // Opaque marker after the layer's own children of the directory.
-        .dir("opq", 0o755)
-        .file("opq/mine", 0o644, b"mine")
-        .opaque("opq")
-        // Whiteout, then re-creation of the same name in one layer.
-        .whiteout("recreated")
-        .dir("recreated", 0o750)
-        .file("recreated/new", 0o644, b"new")
-        .whiteout("refile")
-        .file("refile", 0o644, b"new file")
-        // Replacements without whiteouts.
-        .file("dir2file", 0o644, b"now a file")
-        .symlink("dir2link", "/keep")
-        .dir("file2dir", 0o755)
-        .file("file2dir/inside", 0o644, b"i");
-    let whiteout_only = Layer::new().whiteout("gone");
-    let empty = Layer::new();
-    vec![Image::new(vec![
-        (base, Comp::Gzip),
-        (upper, Comp::Gzip),
-        (whiteout_only, Comp::Gzip),
-        (empty, Comp::Gzip),
-    ])]
 }
 
 #[test]
 fn whiteouts_match_docker_pull() {
     let Some(env) = env() else { return };
-    let r = publish(&env, "whiteouts", whiteouts());
+    let r = publish(&env, "whiteouts", images::whiteouts());
     check_against_oracle(&env, &r, "strata-test/whiteouts:squashed");
 }
 
@@ -194,72 +130,17 @@ fn duplicate_paths_keep_the_last_occurrence() {
     assert!(!got.contains_key("dir2dup/child"), "{got:?}");
 }
 
-fn hardlinks() -> Vec<Image> {
-    let base = Layer::new()
-        .dir("lib", 0o755)
-        .file("lib/target", 0o644, b"same-layer target")
-        .hardlink("lib/same", "lib/target", 0o644)
-        .file("lib/lower", 0o644, b"lower target")
-        .file("lib/deleted", 0o644, b"deleted above")
-        .hardlink("lib/link-to-deleted", "lib/deleted", 0o644)
-        .file("lib/overwritten", 0o644, b"original content")
-        .hardlink("lib/link-to-overwritten", "lib/overwritten", 0o644);
-    let mid = Layer::new().hardlink("lib/upper-link", "lib/lower", 0o644);
-    let top = Layer::new()
-        .whiteout("lib/deleted")
-        .file("lib/overwritten", 0o644, b"new content");
-    vec![Image::new(vec![
-        (base, Comp::Gzip),
-        (mid, Comp::Gzip),
-        (top, Comp::Gzip),
-    ])]
-}
-
 #[test]
 fn hardlinks_match_docker_pull() {
     let Some(env) = env() else { return };
-    let r = publish(&env, "hardlinks", hardlinks());
+    let r = publish(&env, "hardlinks", images::hardlinks());
     check_against_oracle(&env, &r, "strata-test/hardlinks:squashed");
-}
-
-fn special() -> Vec<Image> {
-    let long_dir = format!("long/{}", "d".repeat(120));
-    let long_file = format!("{long_dir}/{}", "f".repeat(150));
-    let long_target = format!("/{}", "t".repeat(200));
-    let layer = Layer::new()
-        .dir("long", 0o755)
-        .dir(&long_dir, 0o755)
-        .file(&long_file, 0o644, b"long name")
-        .symlink("long/sym", &long_target)
-        .symlink("abs", "/etc/passwd")
-        .symlink("rel", "../x/y")
-        .dir("dev", 0o755)
-        .device("dev/null2", true, 1, 3)
-        .device("dev/blk", false, 7, 0)
-        .fifo("fifo")
-        .pax_file(
-            "xattr",
-            0o644,
-            b"x",
-            &[
-                ("SCHILY.xattr.user.strata", b"yes"),
-                ("SCHILY.xattr.user.bin", &[0, 1, 2]),
-            ],
-        )
-        .file_owned("bigids", 0o4755, 3_000_000, 2_500_000, b"suid")
-        .file("sgid", 0o2755, b"g")
-        .dir("sticky", 0o1777)
-        .file("été", 0o644, b"utf8");
-    vec![Image::new(vec![
-        (Layer::new().file("base", 0o644, b"b"), Comp::Gzip),
-        (layer, Comp::Gzip),
-    ])]
 }
 
 #[test]
 fn special_entries_match_docker_pull_and_load_everywhere() {
     let Some(env) = env() else { return };
-    let r = publish(&env, "special", special());
+    let r = publish(&env, "special", images::special());
     let file = check_against_oracle(&env, &r, "strata-test/special:squashed");
     other_loaders(&env, &file);
 }
@@ -371,7 +252,7 @@ fn multiarch_picks_the_platform_and_404s_otherwise() {
 fn docker_schema2_manifests_and_lists_are_read() {
     let Some(env) = env() else { return };
     check_multiarch(&env, &publish_as(&env, "v2s2-list", multiarch(), "v2s2"));
-    let r = publish_as(&env, "v2s2", basic(), "v2s2");
+    let r = publish_as(&env, "v2s2", images::basic(), "v2s2");
     check_against_oracle(&env, &r, "strata-test/v2s2:squashed");
 }
 
@@ -418,26 +299,7 @@ fn check_multiarch(env: &Env, r: &str) {
 #[test]
 fn busybox_image_runs() {
     let Some(env) = env() else { return };
-    let busybox =
-        std::fs::read("/bin/busybox").expect("busybox-static installed by scripts/test.sh");
-    let mut image = Image::new(vec![
-        (
-            Layer::new()
-                .dir("bin", 0o755)
-                .file("bin/busybox", 0o755, &busybox),
-            Comp::Gzip,
-        ),
-        (
-            Layer::new()
-                .hardlink("bin/sh", "bin/busybox", 0o755)
-                .hardlink("bin/echo", "bin/busybox", 0o755)
-                .dir("etc", 0o755)
-                .file("etc/greeting", 0o644, b"hello from a squashed image\n"),
-            Comp::Gzip,
-        ),
-    ]);
-    image.config = json!({"Cmd": ["/bin/sh", "-c", "cat /etc/greeting"], "Env": ["A=b=c"]});
-    let r = publish(&env, "busybox", vec![image]);
+    let r = publish(&env, "busybox", vec![images::busybox()]);
     check_against_oracle(&env, &r, "strata-test/busybox:squashed");
     let out = run(docker().args([
         "run",
@@ -466,7 +328,7 @@ fn busybox_image_runs() {
 #[test]
 fn cli_and_http_bytes_are_identical_and_reproducible() {
     let Some(env) = env() else { return };
-    let r = publish(&env, "repro", basic());
+    let r = publish(&env, "repro", images::basic());
     let server = shared_server(&env.registry);
     let http = std::fs::read(fetch(server, &r, "")).unwrap();
     let again = std::fs::read(fetch(server, &r, "")).unwrap();
@@ -520,7 +382,7 @@ fn cli_and_http_bytes_are_identical_and_reproducible() {
 #[test]
 fn errors_before_the_first_byte_are_json() {
     let Some(env) = env() else { return };
-    publish(&env, "errs", basic());
+    publish(&env, "errs", images::basic());
     let server = shared_server(&env.registry);
     let cases = [
         (format!("/squash/{}/fixtures/errs:nope", env.registry), 404),

@@ -1,3 +1,4 @@
-//! Output formats: how a merged layer is packaged for the client that asked.
+//! Output formats: the docker-load archive of the squashed image, and the appc ACI.
 
+pub mod aci;
 pub mod docker_archive;

@@ -25,6 +25,11 @@ const IMPLIED_DIR_MODE: u32 = 0o755;
 pub trait Sink {
     /// One entry; `content` yields exactly `meta.size` bytes.
     fn entry(&mut self, meta: &EntryMeta, content: &mut dyn Read) -> io::Result<()>;
+
+    /// Sends on what is buffered (between layers, while the next one's fetch may wait).
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Writes canonical tar entries.
@@ -33,6 +38,10 @@ pub struct TarSink<W>(pub W);
 impl<W: io::Write> Sink for TarSink<W> {
     fn entry(&mut self, meta: &EntryMeta, content: &mut dyn Read) -> io::Result<()> {
         entry::write_entry(&mut self.0, meta, content)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
     }
 }
 

@@ -1,6 +1,7 @@
 //! The HTTP front: routes, the one place errors become responses (JSON before the first byte, an
 //! aborted connection after it), a concurrency limit, and graceful shutdown.
 
+pub mod discovery;
 pub mod routes;
 
 use std::convert::Infallible;
@@ -23,10 +24,11 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tracing::Instrument;
 
-use crate::convert::{Converter, Error, SquashRequest};
+use crate::convert::{AciRequest, AciSignature, Converter, Error, SquashRequest};
+use crate::format::aci::names::platform_from_appc;
 use crate::manifest::Platform;
 use crate::registry::Credentials;
-use routes::{Route, RouteError};
+use routes::{AciRoute, Route, RouteError};
 
 /// Conversions served at once unless configured: each holds a blocking thread and a few MiB.
 pub const DEFAULT_MAX_CONCURRENT: usize = 16;
@@ -39,6 +41,10 @@ const RETRY_AFTER_SECS: &str = "5";
 pub struct ServerSettings {
     pub max_concurrent: usize,
     pub shutdown_grace: Duration,
+    /// The appc name prefix discovery answers for (a host name, no port).
+    pub public_name: Option<String>,
+    /// Base URL of the discovery templates; by default the one the discovery request came in on.
+    pub public_url: Option<String>,
 }
 
 impl Default for ServerSettings {
@@ -46,6 +52,8 @@ impl Default for ServerSettings {
         ServerSettings {
             max_concurrent: DEFAULT_MAX_CONCURRENT,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            public_name: None,
+            public_url: None,
         }
     }
 }
@@ -55,6 +63,7 @@ type Body = UnsyncBoxBody<Bytes, io::Error>;
 struct State {
     converter: Arc<Converter>,
     permits: Arc<Semaphore>,
+    settings: ServerSettings,
 }
 
 /// Serves until `shutdown` completes, then lets open connections finish for the grace period.
@@ -67,6 +76,7 @@ pub async fn run(
     let state = Arc::new(State {
         converter,
         permits: Arc::new(Semaphore::new(settings.max_concurrent)),
+        settings: settings.clone(),
     });
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
@@ -164,7 +174,21 @@ async fn handle(
     Ok(resp)
 }
 
-async fn respond(req: Request<Incoming>, state: &State) -> Response<Body> {
+fn text(content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
+    let mut resp = Response::new(
+        Full::new(body.into())
+            .map_err(|e: Infallible| match e {})
+            .boxed_unsync(),
+    );
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}
+
+async fn respond(req: Request<Incoming>, state: &Arc<State>) -> Response<Body> {
+    if routes::is_discovery(req.uri().query()) && req.method() == Method::GET {
+        return discovery::page(&req, &state.settings);
+    }
     let route = match routes::route(req.uri().path()) {
         Ok(r) => r,
         Err(RouteError::NotFound(p)) => {
@@ -186,11 +210,141 @@ async fn respond(req: Request<Incoming>, state: &State) -> Response<Body> {
                     .boxed_unsync(),
             )
         }
+        Route::SigningKey => {
+            return match state.converter.public_key() {
+                Some(key) => text("application/pgp-keys", key.to_string()),
+                None => json_error(
+                    404,
+                    "NOT_FOUND",
+                    "this service signs nothing (no --signing-key)",
+                ),
+            }
+        }
+        Route::Aci(aci) => {
+            return match serve_aci(&req, state, aci).await {
+                Ok(resp) => resp,
+                Err(e) => from_error(&e),
+            }
+        }
         Route::Squash(r) => r,
     };
     match squash(&req, state, &reference).await {
         Ok(resp) => resp,
         Err(e) => from_error(&e),
+    }
+}
+
+/// The caller's own registry credentials, passed through.
+fn credentials(req: &Request<Incoming>) -> Credentials {
+    Credentials(
+        req.headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| v.starts_with("Basic "))
+            .map(str::to_string),
+    )
+}
+
+/// Whether the client already holds these bytes.
+fn not_modified(req: &Request<Incoming>, etag: &str) -> bool {
+    req.headers()
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v == etag || v == "*")
+}
+
+async fn serve_aci(
+    req: &Request<Incoming>,
+    state: &Arc<State>,
+    route: AciRoute,
+) -> Result<Response<Body>, Error> {
+    if req.uri().query().is_some_and(|q| !q.is_empty()) {
+        return Err(Error::BadRequest(
+            "ACI routes take no query parameters".into(),
+        ));
+    }
+    let platform = platform_from_appc(&route.os, &route.arch).map_err(Error::BadRequest)?;
+    let reference = state
+        .converter
+        .parse_reference(&format!("{}:{}", route.repository, route.tag))?;
+    let request = AciRequest {
+        reference,
+        platform,
+        credentials: credentials(req),
+        name: format!("{}/{}", route.server, route.repository),
+        version: Some(route.tag.clone()),
+    };
+    if route.signature {
+        return signature(state, request).await;
+    }
+    let permit = state
+        .permits
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| Error::Overloaded)?;
+    let prepared = state.converter.prepare_aci(request).await?;
+    let etag = format!("\"{}\"", prepared.etag);
+    let mut builder = Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-tar")
+        .header(header::ETAG, &etag)
+        .header(
+            header::CONTENT_DISPOSITION,
+            format!(
+                "attachment; filename=\"{}-{}.aci\"",
+                file_name(&prepared.name),
+                file_name(&route.tag)
+            ),
+        );
+    if not_modified(req, &etag) {
+        builder = builder.status(StatusCode::NOT_MODIFIED);
+        return Ok(builder.body(empty()).expect("valid response"));
+    }
+    if req.method() == Method::HEAD {
+        return Ok(builder.body(empty()).expect("valid response"));
+    }
+    let body = prepared.body.map(move |chunk| {
+        let _held = &permit;
+        chunk.map(Frame::data)
+    });
+    Ok(builder
+        .body(BodyExt::boxed_unsync(StreamBody::new(body)))
+        .expect("valid response"))
+}
+
+/// `.aci.asc`: the kept signature, or 202 while none exists. rkt asks for the signature first and, on
+/// 202, downloads the ACI and asks once more; that download keeps the signature before its last bytes
+/// leave. A conversion is also started here, so a signature comes to exist even if the ACI is then
+/// fetched from another instance.
+async fn signature(state: &Arc<State>, request: AciRequest) -> Result<Response<Body>, Error> {
+    match state.converter.aci_signature(&request).await? {
+        None => Err(Error::NotFound(
+            "this service signs nothing (no --signing-key)".into(),
+        )),
+        Some(AciSignature::Ready(sig)) => Ok(text("application/pgp-signature", sig)),
+        Some(AciSignature::Pending { key }) => {
+            if let Ok(permit) = state.permits.clone().try_acquire_owned() {
+                let converter = state.converter.clone();
+                let in_flight = converter.signature_in_flight(&key);
+                tokio::spawn(async move {
+                    let _held = (permit, in_flight);
+                    match converter.prepare_aci(request).await {
+                        Ok(prepared) => {
+                            let mut body = prepared.body;
+                            while let Some(Ok(_)) = body.next().await {}
+                        }
+                        Err(e) => tracing::warn!(error = %e, "signing in the background failed"),
+                    }
+                });
+            }
+            let mut resp = json_error(
+                202,
+                "SIGNATURE_PENDING",
+                "the signature exists once the ACI has been downloaded; fetch it, then ask again",
+            );
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            Ok(resp)
+        }
     }
 }
 
@@ -205,13 +359,7 @@ async fn squash(
         None => Platform::default(),
     };
     let reference = state.converter.parse_reference(reference)?;
-    let credentials = Credentials(
-        req.headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .filter(|v| v.starts_with("Basic "))
-            .map(str::to_string),
-    );
+    let credentials = credentials(req);
     let permit = state
         .permits
         .clone()
@@ -235,12 +383,7 @@ async fn squash(
             header::CONTENT_DISPOSITION,
             format!("attachment; filename=\"{}.tar\"", file_name(&name)),
         );
-    let not_modified = req
-        .headers()
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v == etag || v == "*");
-    if not_modified {
+    if not_modified(req, &etag) {
         builder = builder.status(StatusCode::NOT_MODIFIED);
         return Ok(builder.body(empty()).expect("valid response"));
     }

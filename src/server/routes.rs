@@ -9,7 +9,26 @@ pub const MAX_TARGET: usize = 4096;
 pub enum Route {
     /// A squash of this reference (docker syntax, not yet parsed).
     Squash(String),
+    /// An ACI (or its signature), Quay's spelling.
+    Aci(AciRoute),
+    /// The public key ACI signatures verify with.
+    SigningKey,
     Health,
+}
+
+/// `/c1/aci/<server>/<repository...>/<tag>/{aci,aci.asc}/<os>/<arch>/`
+#[derive(Debug, PartialEq, Eq)]
+pub struct AciRoute {
+    /// The name prefix discovery put there (the service's public name).
+    pub server: String,
+    /// Repository path, looked up as the squash routes look it up.
+    pub repository: String,
+    pub tag: String,
+    /// appc spellings.
+    pub os: String,
+    pub arch: String,
+    /// `aci.asc`: the detached signature.
+    pub signature: bool,
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -27,6 +46,35 @@ fn decode(s: &str) -> Result<String, RouteError> {
         .map_err(|_| RouteError::BadRequest("path is not UTF-8".into()))
 }
 
+fn aci(rest: &str) -> Result<AciRoute, RouteError> {
+    let usage = || {
+        RouteError::BadRequest(
+            "expected /c1/aci/<server>/<repository>/<tag>/aci[.asc]/<os>/<arch>/".into(),
+        )
+    };
+    let mut parts: Vec<&str> = rest.strip_suffix('/').unwrap_or(rest).split('/').collect();
+    if parts.len() < 6 || parts.iter().any(|p| p.is_empty()) {
+        return Err(usage());
+    }
+    let arch = parts.pop().expect("six parts");
+    let os = parts.pop().expect("five parts");
+    let signature = match parts.pop().expect("four parts") {
+        "aci" => false,
+        "aci.asc" => true,
+        _ => return Err(usage()),
+    };
+    let tag = parts.pop().expect("three parts");
+    let server = parts.remove(0);
+    Ok(AciRoute {
+        server: server.to_string(),
+        repository: parts.join("/"),
+        tag: tag.to_string(),
+        os: os.to_string(),
+        arch: arch.to_string(),
+        signature,
+    })
+}
+
 pub fn route(path: &str) -> Result<Route, RouteError> {
     if path.len() > MAX_TARGET {
         return Err(RouteError::BadRequest(format!(
@@ -35,6 +83,12 @@ pub fn route(path: &str) -> Result<Route, RouteError> {
     }
     if path == "/healthz" {
         return Ok(Route::Health);
+    }
+    if path == "/aci-signing-key" {
+        return Ok(Route::SigningKey);
+    }
+    if let Some(rest) = path.strip_prefix("/c1/aci/") {
+        return aci(&decode(rest)?).map(Route::Aci);
     }
     if let Some(rest) = path.strip_prefix("/squash/") {
         let reference = decode(rest)?;
@@ -56,6 +110,11 @@ pub fn route(path: &str) -> Result<Route, RouteError> {
         return Ok(Route::Squash(format!("{}:{tag}", repo.join("/"))));
     }
     Err(RouteError::NotFound(path.chars().take(200).collect()))
+}
+
+/// `?ac-discovery=1`, on any path: appc discovery's question.
+pub fn is_discovery(q: Option<&str>) -> bool {
+    q.unwrap_or("").split('&').any(|p| p == "ac-discovery=1")
 }
 
 /// Query parameters of a squash.
@@ -118,6 +177,29 @@ mod tests {
                 Ok(Route::Squash("ns/team/repo:1.0".into())),
             ),
             ("/healthz", Ok(Route::Health)),
+            ("/aci-signing-key", Ok(Route::SigningKey)),
+            (
+                "/c1/aci/example.com/ns/app/1.0/aci/linux/amd64/",
+                Ok(Route::Aci(AciRoute {
+                    server: "example.com".into(),
+                    repository: "ns/app".into(),
+                    tag: "1.0".into(),
+                    os: "linux".into(),
+                    arch: "amd64".into(),
+                    signature: false,
+                })),
+            ),
+            (
+                "/c1/aci/example.com/ns/team/app/v2/aci.asc/linux/aarch64",
+                Ok(Route::Aci(AciRoute {
+                    server: "example.com".into(),
+                    repository: "ns/team/app".into(),
+                    tag: "v2".into(),
+                    os: "linux".into(),
+                    arch: "aarch64".into(),
+                    signature: true,
+                })),
+            ),
             (
                 "/squash/",
                 Err(RouteError::BadRequest("missing image reference".into())),
@@ -130,6 +212,16 @@ mod tests {
         ];
         for (path, want) in cases {
             assert_eq!(route(path), want, "{path}");
+        }
+        for bad in [
+            "/c1/aci/example.com/1.0/aci/linux/amd64/",
+            "/c1/aci/example.com/ns/app/1.0/tar/linux/amd64/",
+            "/c1/aci/example.com/ns//app/1.0/aci/linux/amd64/",
+        ] {
+            assert!(
+                matches!(route(bad), Err(RouteError::BadRequest(_))),
+                "{bad}"
+            );
         }
         assert!(matches!(
             route("/c1/squash/ns/repo"),

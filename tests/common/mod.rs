@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod fixtures;
+pub mod images;
 pub mod proxy;
 
 use std::collections::BTreeMap;
@@ -96,7 +97,8 @@ pub fn publish(env: &Env, name: &str, images: Vec<fixtures::Image>) -> String {
 
 /// Same, with the manifest format `oci` or `v2s2` (Docker schema 2 manifests and manifest list).
 pub fn publish_as(env: &Env, name: &str, images: Vec<fixtures::Image>, format: &str) -> String {
-    let dir = scratch(&format!("layout-{name}"));
+    // Unique: tests of one binary may publish the same image at once.
+    let dir = scratch(&format!("layout-{name}-{}", rand_suffix()));
     fixtures::write_layout(&dir, &images, "v1");
     push(
         &dir,
@@ -138,8 +140,14 @@ pub fn layer_digests(registry: &str, repo: &str, tag: &str) -> Vec<String> {
 /// One line per path of a container's exported file system: path, type, mode, uid, gid, size,
 /// content hash, link target, xattrs. Hardlinks are listed with their target's content.
 pub fn listing<R: Read>(tar: R) -> BTreeMap<String, String> {
+    listing_under(tar, "")
+}
+
+/// [`listing`] of the entries under `prefix` (an ACI's `rootfs/`), paths and hardlink targets taken
+/// relative to it; entries elsewhere are left out.
+pub fn listing_under<R: Read>(tar: R, prefix: &str) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
-    let mut content_of: BTreeMap<String, String> = BTreeMap::new();
+    let mut content_of: BTreeMap<String, (String, String, usize)> = BTreeMap::new();
     let mut archive = tar::Archive::new(tar);
     for e in archive.entries().unwrap() {
         let mut e = e.unwrap();
@@ -147,6 +155,12 @@ pub fn listing<R: Read>(tar: R) -> BTreeMap<String, String> {
             .trim_end_matches('/')
             .trim_start_matches("./")
             .to_string();
+        let Some(path) = path.strip_prefix(prefix).map(str::to_string) else {
+            continue;
+        };
+        if path.is_empty() {
+            continue;
+        }
         let h = e.header().clone();
         let kind = h.entry_type();
         let mut xattrs = Vec::new();
@@ -167,25 +181,28 @@ pub fn listing<R: Read>(tar: R) -> BTreeMap<String, String> {
         let mut hasher = Sha256::new();
         let len = std::io::copy(&mut e, &mut hasher).unwrap() as usize;
         let digest = hasher.finalize();
+        // A hardlink is listed as the file it shares: which name of a group an archive stores first
+        // (the content) and which as links differs between writers, not between file systems.
         let (t, hash, size) = match kind {
             tar::EntryType::Link => {
-                let target = link.trim_start_matches("./").to_string();
-                let c = content_of
+                let target = link.trim_start_matches("./");
+                let target = target.strip_prefix(prefix).unwrap_or(target).to_string();
+                content_of
                     .get(&target)
                     .cloned()
-                    .unwrap_or_else(|| format!("missing-target:{target}"));
-                ("file".to_string(), c, 0)
+                    .unwrap_or_else(|| ("Regular".into(), format!("missing-target:{target}"), 0))
             }
             _ => {
                 let c = hex::encode(digest);
-                if kind.is_file() {
-                    content_of.insert(path.clone(), c.clone());
-                }
-                (
+                let line = (
                     format!("{kind:?}"),
                     if kind.is_file() { c } else { String::new() },
                     len,
-                )
+                );
+                if kind.is_file() {
+                    content_of.insert(path.clone(), line.clone());
+                }
+                line
             }
         };
         let (major, minor) = (

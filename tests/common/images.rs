@@ -1,0 +1,149 @@
+//! Fixture images shared by the squash and ACI tests: each one a case the merge must get right.
+
+use serde_json::json;
+
+use super::fixtures::{Comp, Image, Layer};
+
+pub fn basic() -> Vec<Image> {
+    vec![Image::new(vec![
+        (
+            Layer::new()
+                .dir("etc", 0o755)
+                .file("etc/os-release", 0o644, b"NAME=fixture\n")
+                .dir("usr", 0o755)
+                .dir("usr/bin", 0o755)
+                .file("usr/bin/app", 0o755, b"#!/bin/sh\necho app\n")
+                .symlink("bin", "usr/bin"),
+            Comp::Gzip,
+        ),
+        (
+            Layer::new()
+                .dir("etc", 0o700)
+                .file("etc/os-release", 0o600, b"NAME=changed\n")
+                .file("new", 0o644, b"n"),
+            Comp::Gzip,
+        ),
+    ])]
+}
+
+pub fn whiteouts() -> Vec<Image> {
+    let base = Layer::new()
+        .dir("opq", 0o755)
+        .file("opq/lower1", 0o644, b"l1")
+        .dir("opq/sub", 0o755)
+        .file("opq/sub/deep", 0o644, b"deep")
+        .dir("recreated", 0o755)
+        .file("recreated/old", 0o644, b"old")
+        .file("refile", 0o644, b"old file")
+        .dir("dir2file", 0o755)
+        .file("dir2file/child", 0o644, b"c")
+        .dir("dir2link", 0o755)
+        .file("dir2link/child", 0o644, b"c")
+        .file("file2dir", 0o644, b"f")
+        .dir("gone", 0o755)
+        .file("gone/x", 0o644, b"x")
+        .file("keep", 0o644, b"keep");
+    let upper = Layer::new()
+        // Opaque marker after the layer's own children of the directory.
+        .dir("opq", 0o755)
+        .file("opq/mine", 0o644, b"mine")
+        .opaque("opq")
+        // Whiteout, then re-creation of the same name in one layer.
+        .whiteout("recreated")
+        .dir("recreated", 0o750)
+        .file("recreated/new", 0o644, b"new")
+        .whiteout("refile")
+        .file("refile", 0o644, b"new file")
+        // Replacements without whiteouts.
+        .file("dir2file", 0o644, b"now a file")
+        .symlink("dir2link", "/keep")
+        .dir("file2dir", 0o755)
+        .file("file2dir/inside", 0o644, b"i");
+    let whiteout_only = Layer::new().whiteout("gone");
+    let empty = Layer::new();
+    vec![Image::new(vec![
+        (base, Comp::Gzip),
+        (upper, Comp::Gzip),
+        (whiteout_only, Comp::Gzip),
+        (empty, Comp::Gzip),
+    ])]
+}
+
+pub fn hardlinks() -> Vec<Image> {
+    let base = Layer::new()
+        .dir("lib", 0o755)
+        .file("lib/target", 0o644, b"same-layer target")
+        .hardlink("lib/same", "lib/target", 0o644)
+        .file("lib/lower", 0o644, b"lower target")
+        .file("lib/deleted", 0o644, b"deleted above")
+        .hardlink("lib/link-to-deleted", "lib/deleted", 0o644)
+        .file("lib/overwritten", 0o644, b"original content")
+        .hardlink("lib/link-to-overwritten", "lib/overwritten", 0o644);
+    let mid = Layer::new().hardlink("lib/upper-link", "lib/lower", 0o644);
+    let top = Layer::new()
+        .whiteout("lib/deleted")
+        .file("lib/overwritten", 0o644, b"new content");
+    vec![Image::new(vec![
+        (base, Comp::Gzip),
+        (mid, Comp::Gzip),
+        (top, Comp::Gzip),
+    ])]
+}
+
+pub fn special() -> Vec<Image> {
+    let long_dir = format!("long/{}", "d".repeat(120));
+    let long_file = format!("{long_dir}/{}", "f".repeat(150));
+    let long_target = format!("/{}", "t".repeat(200));
+    let layer = Layer::new()
+        .dir("long", 0o755)
+        .dir(&long_dir, 0o755)
+        .file(&long_file, 0o644, b"long name")
+        .symlink("long/sym", &long_target)
+        .symlink("abs", "/etc/passwd")
+        .symlink("rel", "../x/y")
+        .dir("dev", 0o755)
+        .device("dev/null2", true, 1, 3)
+        .device("dev/blk", false, 7, 0)
+        .fifo("fifo")
+        .pax_file(
+            "xattr",
+            0o644,
+            b"x",
+            &[
+                ("SCHILY.xattr.user.strata", b"yes"),
+                ("SCHILY.xattr.user.bin", &[0, 1, 2]),
+            ],
+        )
+        .file_owned("bigids", 0o4755, 3_000_000, 2_500_000, b"suid")
+        .file("sgid", 0o2755, b"g")
+        .dir("sticky", 0o1777)
+        .file("été", 0o644, b"utf8");
+    vec![Image::new(vec![
+        (Layer::new().file("base", 0o644, b"b"), Comp::Gzip),
+        (layer, Comp::Gzip),
+    ])]
+}
+
+/// A busybox image whose command prints a greeting: something that runs.
+pub fn busybox() -> Image {
+    let busybox =
+        std::fs::read("/bin/busybox").expect("busybox-static installed by scripts/test.sh");
+    let mut image = Image::new(vec![
+        (
+            Layer::new()
+                .dir("bin", 0o755)
+                .file("bin/busybox", 0o755, &busybox),
+            Comp::Gzip,
+        ),
+        (
+            Layer::new()
+                .hardlink("bin/sh", "bin/busybox", 0o755)
+                .hardlink("bin/echo", "bin/busybox", 0o755)
+                .dir("etc", 0o755)
+                .file("etc/greeting", 0o644, b"hello from a squashed image\n"),
+            Comp::Gzip,
+        ),
+    ]);
+    image.config = json!({"Cmd": ["/bin/sh", "-c", "cat /etc/greeting"], "Env": ["A=b=c"]});
+    image
+}
