@@ -9,8 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use common::fixtures::{Comp, Image, Layer};
+use common::fixtures::{noise, Comp, Image, Layer};
 use common::images;
+use common::proxy::{Fault, Proxy};
 use common::*;
 use serde_json::{json, Value};
 
@@ -19,7 +20,8 @@ const PUBLIC_NAME: &str = "127.0.0.1";
 
 struct AciServer {
     server: Server,
-    /// Armored public key file, as `strata keygen` wrote it.
+    /// Armored secret and public key files, as `strata keygen` wrote them.
+    key: PathBuf,
     public_key: PathBuf,
 }
 
@@ -44,6 +46,7 @@ fn aci_server(env: &Env) -> &'static AciServer {
         AciServer {
             server,
             public_key: dir.join("key.asc.pub"),
+            key,
         }
     })
 }
@@ -655,4 +658,82 @@ fn cli_and_http_bytes_are_identical() {
         ])
         .arg(&out));
     assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&http).unwrap());
+}
+
+/// A registry cutting a blob after the ACI has started: curl sees a failed transfer, the partial file
+/// is no valid ACI, no signature is kept for bytes never sent whole, and the next request is whole.
+#[test]
+fn a_registry_failing_mid_aci_aborts_and_signs_nothing() {
+    let Some(env) = env() else { return };
+    let keys = aci_server(&env);
+    let proxy = Proxy::start(&env.registry);
+    let server = Server::start(
+        &proxy.addr,
+        &[
+            "--default-registry",
+            &proxy.addr,
+            "--public-name",
+            PUBLIC_NAME,
+            "--signing-key",
+            keys.key.to_str().unwrap(),
+        ],
+    );
+    let image = Image::new(vec![
+        (
+            Layer::new().file("bottom", 0o644, &noise(4 << 20, 7)),
+            Comp::Gzip,
+        ),
+        (Layer::new().file("top", 0o644, b"top"), Comp::Gzip),
+    ]);
+    publish(&env, "aci-upstream-dies", vec![image]);
+    let bottom = &layer_digests(&env.registry, "fixtures/aci-upstream-dies", "v1")[0][7..];
+    // The squash route remembers the layers' summaries (so the ACI starts at once) but signs nothing.
+    let (status, _, _) = curl(&[&format!(
+        "{}/squash/fixtures/aci-upstream-dies:v1",
+        server.url
+    )]);
+    assert_eq!(status, 200);
+
+    proxy.rule(bottom, Fault::Truncate(1 << 20), Some(1));
+    let url = aci_url(&server, "fixtures/aci-upstream-dies", "v1", "aci", "amd64");
+    let partial = scratch("aci-partial").join("partial.aci");
+    let out = Command::new("curl")
+        .args(["-sS", "-o"])
+        .arg(&partial)
+        .args(["-w", "%{http_code}", &url])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "200",
+        "failure after the first byte"
+    );
+    assert_ne!(
+        out.status.code(),
+        Some(0),
+        "curl must see a failed transfer"
+    );
+    let validate = Command::new("actool")
+        .arg("validate")
+        .arg(&partial)
+        .output()
+        .unwrap();
+    assert!(!validate.status.success(), "actool took a broken transfer");
+
+    let asc = aci_url(
+        &server,
+        "fixtures/aci-upstream-dies",
+        "v1",
+        "aci.asc",
+        "amd64",
+    );
+    let (status, _, _) = curl(&[&asc]);
+    assert_eq!(status, 202, "no signature for a transfer that failed");
+    let whole = download(&url);
+    actool_validate(&whole);
+    let (status, _, sig) = curl(&[&asc]);
+    assert_eq!(status, 200);
+    let sig_file = whole.with_extension("aci.asc");
+    std::fs::write(&sig_file, sig).unwrap();
+    assert!(gpg_verifies(&keys.public_key, &sig_file, &whole));
 }
