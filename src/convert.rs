@@ -148,14 +148,14 @@ pub struct Converter {
 impl Converter {
     pub fn new(config: ConverterConfig) -> Result<Self, Error> {
         let source = match &config.oci_layout {
-            Some(dir) => {
-                Source::Layout(Arc::new(OciLayout::open(dir).map_err(|e| {
-                    Error::Internal(format!("OCI layout {}: {e}", dir.display()))
-                })?))
-            }
+            Some(dir) => Source::Layout(Arc::new(
+                OciLayout::open(dir, config.limits.max_manifest_bytes)
+                    .map_err(|e| Error::Internal(format!("OCI layout {}: {e}", dir.display())))?,
+            )),
             None => Source::Registry(Arc::new(registry::Client::new(registry::ClientConfig {
                 insecure: config.insecure_registries.clone(),
                 idle_timeout: config.upstream_idle_timeout,
+                max_manifest_bytes: config.limits.max_manifest_bytes,
                 ..Default::default()
             }))),
         };
@@ -204,9 +204,15 @@ impl Converter {
             credentials,
         } = request;
         self.check_allowed(&reference)?;
-        let image = manifest::resolve(&self.source, &reference, &platform, &credentials)
-            .await
-            .map_err(source_error)?;
+        let image = manifest::resolve(
+            &self.source,
+            &reference,
+            &platform,
+            &credentials,
+            &self.config.limits,
+        )
+        .await
+        .map_err(source_error)?;
 
         let summaries = self.summaries(&image, &credentials).await?;
         let manifest_hex = image.manifest_digest.hex().to_string();
@@ -338,6 +344,9 @@ impl Converter {
 
 fn source_error(e: SourceError) -> Error {
     let message = e.to_string();
+    if matches!(e, SourceError::Limit { .. }) {
+        return Error::InvalidImage(message);
+    }
     match e.status() {
         400 => Error::BadRequest(message),
         401 => Error::Unauthorized(message),

@@ -9,8 +9,8 @@
 //! - [`source`]: what the conversion needs from either source.
 //! - [`manifest`]: manifests and indexes, platform choice, the image config.
 //! - [`layer`]: a layer blob's bytes, decompressed (gzip, zstd, none).
-//! - [`limits`]: limits on entries, paths, extended headers and uncompressed bytes, enforced on each
-//!   layer's tar stream before the parser.
+//! - [`limits`]: limits on manifests, configs, layer count, entries, paths, extended headers and
+//!   uncompressed bytes; the tar ones enforced on each layer's tar stream before the parser.
 //! - [`entry`]: one tar entry's metadata, read from a layer and written back canonically.
 //! - [`merge`]: the top-down layer merger (whiteouts, opaque dirs, hardlinks).
 //! - [`summary`]: per-layer entry listings, remembered on disk, that size the merged layer exactly.
