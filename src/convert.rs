@@ -29,6 +29,7 @@ use crate::oci_layout::OciLayout;
 use crate::reference::Reference;
 use crate::registry::{self, Credentials};
 use crate::source::{read_ahead, BlobStream, Source, SourceError, TransferError};
+use crate::stats::{Alive, Conversions};
 use crate::summary::{self, Store};
 
 /// What a caller asks for.
@@ -143,6 +144,7 @@ pub struct Converter {
     config: ConverterConfig,
     source: Source,
     store: Store,
+    conversions: Conversions,
 }
 
 impl Converter {
@@ -164,7 +166,13 @@ impl Converter {
             config,
             source,
             store,
+            conversions: Conversions::default(),
         })
+    }
+
+    /// Conversions with any part still running.
+    pub fn live_conversions(&self) -> usize {
+        self.conversions.live()
     }
 
     /// Parses a reference the way requests name images (default registry, `library/`, `latest`).
@@ -203,6 +211,7 @@ impl Converter {
             tag,
             credentials,
         } = request;
+        let alive = self.conversions.start();
         self.check_allowed(&reference)?;
         let image = manifest::resolve(
             &self.source,
@@ -214,7 +223,7 @@ impl Converter {
         .await
         .map_err(source_error)?;
 
-        let summaries = self.summaries(&image, &credentials).await?;
+        let summaries = self.summaries(&image, &credentials, &alive).await?;
         let manifest_hex = image.manifest_digest.hex().to_string();
         let store = self.store.clone();
         let (layer_size, hints) = tokio::task::spawn_blocking(move || -> Result<_, Error> {
@@ -279,6 +288,7 @@ impl Converter {
             hints,
             archive,
             limits: self.config.limits,
+            _alive: alive,
         };
         Ok(Prepared {
             content_length,
@@ -293,6 +303,7 @@ impl Converter {
         &self,
         image: &ResolvedImage,
         credentials: &Credentials,
+        alive: &Alive,
     ) -> Result<Vec<Vec<Item>>, Error> {
         let budget = Arc::new(Budget::default());
         let limits = self.config.limits;
@@ -309,8 +320,12 @@ impl Converter {
                     self.store.clone(),
                     image.reference.clone(),
                 );
-                let (layer, credentials, budget) =
-                    (layer.clone(), credentials.clone(), budget.clone());
+                let (layer, credentials, budget, alive) = (
+                    layer.clone(),
+                    credentials.clone(),
+                    budget.clone(),
+                    alive.clone(),
+                );
                 async move {
                     let hex = layer.digest.hex().to_string();
                     if let Some(items) = store.load_summary(&hex) {
@@ -323,6 +338,7 @@ impl Converter {
                     let stream = read_ahead(stream);
                     let handle = Handle::current();
                     let items = tokio::task::spawn_blocking(move || {
+                        let _alive = alive;
                         let reader =
                             SyncIoBridge::new_with_handle(StreamReader::new(stream), handle);
                         scan_layer(layer.compression, reader, limits, budget)
@@ -418,6 +434,8 @@ struct Job {
     hints: Vec<LayerHints>,
     archive: DockerArchive,
     limits: Limits,
+    /// Dropped with the job, when its thread ends.
+    _alive: Alive,
 }
 
 impl Job {

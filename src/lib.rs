@@ -17,6 +17,7 @@
 //! - [`format`]: output formats (the docker-load archive).
 //! - [`convert`]: one conversion from request to byte stream, the sync/async boundary.
 //! - [`server`]: the HTTP front: routes, errors as JSON, streaming bodies.
+//! - [`stats`]: what is in flight (live conversions, runtime tasks), for `GET /debug/stats`.
 //! - [`cli`]: command-line flags turned into a validated configuration.
 //! - [`sample`]: a generated sample image as an OCI layout, to try strata offline.
 
@@ -35,4 +36,5 @@ pub mod registry;
 pub mod sample;
 pub mod server;
 pub mod source;
+pub mod stats;
 pub mod summary;

@@ -26,6 +26,7 @@ use tracing::Instrument;
 use crate::convert::{Converter, Error, SquashRequest};
 use crate::manifest::Platform;
 use crate::registry::Credentials;
+use crate::stats::Stats;
 use routes::{Route, RouteError};
 
 /// Conversions served at once unless configured: each holds a blocking thread and a few MiB.
@@ -104,10 +105,10 @@ pub async fn run(
     Ok(())
 }
 
-fn json_error(status: u16, code: &str, message: &str) -> Response<Body> {
-    let body = serde_json::json!({"error": {"code": code, "message": message}});
+fn json(status: u16, body: &impl serde::Serialize) -> Response<Body> {
+    let body = serde_json::to_vec(body).expect("serialisable");
     let mut resp = Response::new(
-        Full::new(Bytes::from(body.to_string()))
+        Full::new(Bytes::from(body))
             .map_err(|e: Infallible| match e {})
             .boxed_unsync(),
     );
@@ -117,6 +118,13 @@ fn json_error(status: u16, code: &str, message: &str) -> Response<Body> {
         HeaderValue::from_static("application/json"),
     );
     resp
+}
+
+fn json_error(status: u16, code: &str, message: &str) -> Response<Body> {
+    json(
+        status,
+        &serde_json::json!({"error": {"code": code, "message": message}}),
+    )
 }
 
 fn from_error(e: &Error) -> Response<Body> {
@@ -184,6 +192,17 @@ async fn respond(req: Request<Incoming>, state: &State) -> Response<Body> {
                 Full::new(Bytes::from_static(b"ok\n"))
                     .map_err(|e: Infallible| match e {})
                     .boxed_unsync(),
+            )
+        }
+        Route::Stats => {
+            return json(
+                200,
+                &Stats {
+                    conversions: state.converter.live_conversions(),
+                    tasks: tokio::runtime::Handle::current()
+                        .metrics()
+                        .num_alive_tasks(),
+                },
             )
         }
         Route::Squash(r) => r,

@@ -10,6 +10,8 @@ pub enum Route {
     /// A squash of this reference (docker syntax, not yet parsed).
     Squash(String),
     Health,
+    /// What is in flight: live conversions, runtime tasks.
+    Stats,
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -35,6 +37,9 @@ pub fn route(path: &str) -> Result<Route, RouteError> {
     }
     if path == "/healthz" {
         return Ok(Route::Health);
+    }
+    if path == "/debug/stats" {
+        return Ok(Route::Stats);
     }
     if let Some(rest) = path.strip_prefix("/squash/") {
         let reference = decode(rest)?;
@@ -118,6 +123,7 @@ mod tests {
                 Ok(Route::Squash("ns/team/repo:1.0".into())),
             ),
             ("/healthz", Ok(Route::Health)),
+            ("/debug/stats", Ok(Route::Stats)),
             (
                 "/squash/",
                 Err(RouteError::BadRequest("missing image reference".into())),
