@@ -28,7 +28,7 @@ use crate::merge::{merge_tar, LayerHints, MergeError, Merger, TarSink};
 use crate::oci_layout::OciLayout;
 use crate::reference::Reference;
 use crate::registry::{self, Credentials};
-use crate::source::{read_ahead, BlobStream, Source, SourceError, TransferError};
+use crate::source::{cancellable, read_ahead, BlobStream, Source, SourceError, TransferError};
 use crate::stats::{Alive, Conversions};
 use crate::summary::{self, Store};
 
@@ -335,7 +335,7 @@ impl Converter {
                         .blob(&reference, &layer.digest, layer.size, &credentials)
                         .await
                         .map_err(source_error)?;
-                    let stream = read_ahead(stream);
+                    let (stream, _cancel) = cancellable(read_ahead(stream));
                     let handle = Handle::current();
                     let items = tokio::task::spawn_blocking(move || {
                         let _alive = alive;
