@@ -170,6 +170,15 @@ pub struct SourceArgs {
     /// Uncompressed bytes of one image, all layers together.
     #[arg(long, default_value_t = limits::DEFAULT_MAX_IMAGE_BYTES)]
     pub max_image_bytes: u64,
+    /// Bytes of one manifest or index.
+    #[arg(long, default_value_t = limits::DEFAULT_MAX_MANIFEST_BYTES)]
+    pub max_manifest_bytes: u64,
+    /// Bytes of one image config.
+    #[arg(long, default_value_t = limits::DEFAULT_MAX_CONFIG_BYTES)]
+    pub max_config_bytes: u64,
+    /// Layers of one image.
+    #[arg(long, default_value_t = limits::DEFAULT_MAX_LAYERS)]
+    pub max_layers: u64,
     /// Seconds a registry may send nothing in the middle of a blob before the transfer fails.
     #[arg(long, default_value_t = DEFAULT_IDLE_TIMEOUT.as_secs())]
     pub upstream_idle_timeout: u64,
@@ -225,6 +234,9 @@ impl SourceArgs {
                 max_path_bytes: self.max_path_bytes,
                 max_pax_bytes: self.max_pax_bytes,
                 max_image_bytes: self.max_image_bytes,
+                max_manifest_bytes: self.max_manifest_bytes,
+                max_config_bytes: self.max_config_bytes,
+                max_layers: self.max_layers,
             },
             upstream_idle_timeout: Duration::from_secs(self.upstream_idle_timeout),
             signer: None,

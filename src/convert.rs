@@ -30,7 +30,8 @@ use crate::oci_layout::OciLayout;
 use crate::reference::Reference;
 use crate::registry::{self, Credentials};
 use crate::sign::{InFlight, Signatures, Signer};
-use crate::source::{read_ahead, BlobStream, Source, SourceError, TransferError};
+use crate::source::{cancellable, read_ahead, BlobStream, Source, SourceError, TransferError};
+use crate::stats::{Alive, Conversions};
 use crate::summary::{self, Store};
 
 /// What a caller asks for.
@@ -182,19 +183,20 @@ pub struct Converter {
     source: Source,
     store: Store,
     signatures: Signatures,
+    conversions: Conversions,
 }
 
 impl Converter {
     pub fn new(config: ConverterConfig) -> Result<Self, Error> {
         let source = match &config.oci_layout {
-            Some(dir) => {
-                Source::Layout(Arc::new(OciLayout::open(dir).map_err(|e| {
-                    Error::Internal(format!("OCI layout {}: {e}", dir.display()))
-                })?))
-            }
+            Some(dir) => Source::Layout(Arc::new(
+                OciLayout::open(dir, config.limits.max_manifest_bytes)
+                    .map_err(|e| Error::Internal(format!("OCI layout {}: {e}", dir.display())))?,
+            )),
             None => Source::Registry(Arc::new(registry::Client::new(registry::ClientConfig {
                 insecure: config.insecure_registries.clone(),
                 idle_timeout: config.upstream_idle_timeout,
+                max_manifest_bytes: config.limits.max_manifest_bytes,
                 ..Default::default()
             }))),
         };
@@ -205,7 +207,13 @@ impl Converter {
             source,
             store,
             signatures,
+            conversions: Conversions::default(),
         })
+    }
+
+    /// Conversions with any part still running.
+    pub fn live_conversions(&self) -> usize {
+        self.conversions.live()
     }
 
     /// Parses a reference the way requests name images (default registry, `library/`, `latest`).
@@ -244,8 +252,9 @@ impl Converter {
             tag,
             credentials,
         } = request;
+        let alive = self.conversions.start();
         let image = self.resolve(&reference, &platform, &credentials).await?;
-        let (layer_size, hints) = self.analyse(&image, &credentials, true).await?;
+        let (layer_size, hints) = self.analyse(&image, &credentials, true, &alive).await?;
         let layer_size = layer_size.expect("sized when asked");
 
         let id = hex::encode(Sha256::digest(format!(
@@ -290,6 +299,7 @@ impl Converter {
             hints,
             output: Output::Docker(archive),
             limits: self.config.limits,
+            _alive: alive,
         };
         Ok(Prepared {
             content_length,
@@ -305,9 +315,15 @@ impl Converter {
         credentials: &Credentials,
     ) -> Result<ResolvedImage, Error> {
         self.check_allowed(reference)?;
-        manifest::resolve(&self.source, reference, platform, credentials)
-            .await
-            .map_err(source_error)
+        manifest::resolve(
+            &self.source,
+            reference,
+            platform,
+            credentials,
+            &self.config.limits,
+        )
+        .await
+        .map_err(source_error)
     }
 
     /// The merge hints of every layer and, when `sizing`, the exact merged-layer size.
@@ -316,8 +332,9 @@ impl Converter {
         image: &ResolvedImage,
         credentials: &Credentials,
         sizing: bool,
+        alive: &Alive,
     ) -> Result<(Option<u64>, Vec<LayerHints>), Error> {
-        let summaries = self.summaries(image, credentials).await?;
+        let summaries = self.summaries(image, credentials, alive).await?;
         let manifest_hex = image.manifest_digest.hex().to_string();
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || -> Result<_, Error> {
@@ -396,13 +413,16 @@ impl Converter {
     /// Resolves the image and plans its manifest; the returned body streams the ACI and, at its end,
     /// keeps its signature.
     pub async fn prepare_aci(&self, request: AciRequest) -> Result<PreparedAci, Error> {
+        let alive = self.conversions.start();
         let image = self
             .resolve(&request.reference, &request.platform, &request.credentials)
             .await?;
         let (identity, etag) = self.aci_identity(&request, &image)?;
         let plan = ManifestPlan::new(&image.config, identity.clone())
             .map_err(|e| Error::InvalidImage(format!("{}: as an ACI: {e}", request.reference)))?;
-        let (_, hints) = self.analyse(&image, &request.credentials, false).await?;
+        let (_, hints) = self
+            .analyse(&image, &request.credentials, false, &alive)
+            .await?;
         tracing::info!(
             image = %request.reference,
             manifest = %image.manifest_digest,
@@ -427,6 +447,7 @@ impl Converter {
                 signing,
             },
             limits: self.config.limits,
+            _alive: alive,
         };
         Ok(PreparedAci {
             etag,
@@ -474,6 +495,7 @@ impl Converter {
         &self,
         image: &ResolvedImage,
         credentials: &Credentials,
+        alive: &Alive,
     ) -> Result<Vec<Vec<Item>>, Error> {
         let budget = Arc::new(Budget::default());
         let limits = self.config.limits;
@@ -490,8 +512,12 @@ impl Converter {
                     self.store.clone(),
                     image.reference.clone(),
                 );
-                let (layer, credentials, budget) =
-                    (layer.clone(), credentials.clone(), budget.clone());
+                let (layer, credentials, budget, alive) = (
+                    layer.clone(),
+                    credentials.clone(),
+                    budget.clone(),
+                    alive.clone(),
+                );
                 async move {
                     let hex = layer.digest.hex().to_string();
                     if let Some(items) = store.load_summary(&hex) {
@@ -501,9 +527,10 @@ impl Converter {
                         .blob(&reference, &layer.digest, layer.size, &credentials)
                         .await
                         .map_err(source_error)?;
-                    let stream = read_ahead(stream);
+                    let (stream, _cancel) = cancellable(read_ahead(stream));
                     let handle = Handle::current();
                     let items = tokio::task::spawn_blocking(move || {
+                        let _alive = alive;
                         let reader =
                             SyncIoBridge::new_with_handle(StreamReader::new(stream), handle);
                         scan_layer(layer.compression, reader, limits, budget)
@@ -525,6 +552,9 @@ impl Converter {
 
 fn source_error(e: SourceError) -> Error {
     let message = e.to_string();
+    if matches!(e, SourceError::Limit { .. }) {
+        return Error::InvalidImage(message);
+    }
     match e.status() {
         400 => Error::BadRequest(message),
         401 => Error::Unauthorized(message),
@@ -596,6 +626,8 @@ struct Job {
     hints: Vec<LayerHints>,
     output: Output,
     limits: Limits,
+    /// Dropped with the job, when its thread ends.
+    _alive: Alive,
 }
 
 enum Output {

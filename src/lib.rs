@@ -9,8 +9,8 @@
 //! - [`source`]: what the conversion needs from either source.
 //! - [`manifest`]: manifests and indexes, platform choice, the image config.
 //! - [`layer`]: a layer blob's bytes, decompressed (gzip, zstd, none).
-//! - [`limits`]: limits on entries, paths, extended headers and uncompressed bytes, enforced on each
-//!   layer's tar stream before the parser.
+//! - [`limits`]: limits on manifests, configs, layer count, entries, paths, extended headers and
+//!   uncompressed bytes; the tar ones enforced on each layer's tar stream before the parser.
 //! - [`entry`]: one tar entry's metadata, read from a layer and written back canonically.
 //! - [`merge`]: the top-down layer merger (whiteouts, opaque dirs, hardlinks).
 //! - [`summary`]: per-layer entry listings, remembered on disk, that size the merged layer exactly.
@@ -18,6 +18,7 @@
 //! - [`sign`]: OpenPGP detached signatures of ACIs, made while they stream, and kept.
 //! - [`convert`]: one conversion from request to byte stream, the sync/async boundary.
 //! - [`server`]: the HTTP front: routes, errors as JSON, streaming bodies.
+//! - [`stats`]: what is in flight (live conversions, runtime tasks), for `GET /debug/stats`.
 //! - [`cli`]: command-line flags turned into a validated configuration.
 //! - [`sample`]: a generated sample image as an OCI layout, to try strata offline.
 
@@ -37,4 +38,5 @@ pub mod sample;
 pub mod server;
 pub mod sign;
 pub mod source;
+pub mod stats;
 pub mod summary;

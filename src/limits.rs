@@ -1,5 +1,6 @@
-//! Limits on what one image may make strata read and hold, and [`Guard`], the reader that enforces them
-//! on a layer's decompressed tar before the tar parser sees it. The parser reads PAX and GNU long-name
+//! Limits on what one image may make strata read and hold, and [`Guard`], the reader that enforces the
+//! tar ones on a layer's decompressed tar before the tar parser sees it. (The manifest, config and
+//! layer-count limits are checked where those are read: the sources and [`crate::manifest`].) The parser reads PAX and GNU long-name
 //! members whole into memory and an inflater turns a small blob into any number of bytes, so these
 //! are checked on the raw stream: the guard walks the same header structure the parser does (headers,
 //! sizes, PAX `size` records), a step ahead of it.
@@ -17,6 +18,13 @@ pub const DEFAULT_MAX_PAX_BYTES: u64 = 1 << 20;
 /// Uncompressed bytes of all layers of one image: well past real images, far short of a bomb's
 /// terabytes.
 pub const DEFAULT_MAX_IMAGE_BYTES: u64 = 64 << 30;
+/// Bytes of one manifest or index: real ones are a few KiB, a big multi-platform index some tens.
+pub const DEFAULT_MAX_MANIFEST_BYTES: u64 = 4 << 20;
+/// Bytes of one image config: real ones are a few KiB, ones with a long history tens.
+pub const DEFAULT_MAX_CONFIG_BYTES: u64 = 8 << 20;
+/// Layers of one image: docker refuses to build past 125 and distribution's stores rarely see more
+/// than 128; twice that leaves room and still bounds the fetches one request starts.
+pub const DEFAULT_MAX_LAYERS: u64 = 256;
 
 const BLOCK: usize = 512;
 
@@ -26,6 +34,9 @@ pub struct Limits {
     pub max_path_bytes: u64,
     pub max_pax_bytes: u64,
     pub max_image_bytes: u64,
+    pub max_manifest_bytes: u64,
+    pub max_config_bytes: u64,
+    pub max_layers: u64,
 }
 
 impl Default for Limits {
@@ -35,6 +46,9 @@ impl Default for Limits {
             max_path_bytes: DEFAULT_MAX_PATH_BYTES,
             max_pax_bytes: DEFAULT_MAX_PAX_BYTES,
             max_image_bytes: DEFAULT_MAX_IMAGE_BYTES,
+            max_manifest_bytes: DEFAULT_MAX_MANIFEST_BYTES,
+            max_config_bytes: DEFAULT_MAX_CONFIG_BYTES,
+            max_layers: DEFAULT_MAX_LAYERS,
         }
     }
 }

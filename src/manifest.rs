@@ -9,14 +9,10 @@ use serde_json::Value;
 
 use crate::digest::Digest;
 use crate::layer::Compression;
+use crate::limits::{LimitExceeded, Limits};
 use crate::reference::Reference;
 use crate::registry::{Credentials, RegistryError};
 use crate::source::{Source, SourceError};
-
-/// Largest image config read; real ones are a few KiB, large ones tens.
-const MAX_CONFIG: u64 = 8 << 20;
-/// Most layers an image may have (distribution's own limit is 128 in practice; docker's is 125+).
-pub const MAX_LAYERS: usize = 256;
 
 const INDEX_TYPES: [&str; 2] = [
     "application/vnd.oci.image.index.v1+json",
@@ -129,16 +125,31 @@ fn invalid(reference: &Reference, what: impl fmt::Display) -> SourceError {
     RegistryError::Invalid(format!("{reference}: {what}"))
 }
 
+fn limit(
+    reference: &Reference,
+    context: String,
+    what: &'static str,
+    limit: u64,
+    flag: &'static str,
+) -> SourceError {
+    RegistryError::Limit {
+        context: format!("{reference}: {context}"),
+        limit: LimitExceeded { what, limit, flag },
+    }
+}
+
 fn digest_of(reference: &Reference, s: &str) -> Result<Digest, SourceError> {
     Digest::parse(s).map_err(|e| invalid(reference, e))
 }
 
-/// Resolves `reference` for `platform`.
+/// Resolves `reference` for `platform`, within the config size and layer count of `limits` (the
+/// source enforces the manifest size).
 pub async fn resolve(
     source: &Source,
     reference: &Reference,
     platform: &Platform,
     credentials: &Credentials,
+    limits: &Limits,
 ) -> Result<ResolvedImage, SourceError> {
     let mut raw = source
         .manifest(reference, &reference.manifest_ref(), credentials)
@@ -193,13 +204,14 @@ pub async fn resolve(
     }
     let manifest: ImageManifest = serde_json::from_slice(&raw.bytes)
         .map_err(|e| invalid(reference, format!("bad image manifest: {e}")))?;
-    if manifest.layers().len() > MAX_LAYERS {
-        return Err(invalid(
+    let count = manifest.layers().len() as u64;
+    if count > limits.max_layers {
+        return Err(limit(
             reference,
-            format!(
-                "{} layers, more than the limit of {MAX_LAYERS}",
-                manifest.layers().len()
-            ),
+            format!("{count} layers"),
+            "the layer count",
+            limits.max_layers,
+            "max-layers",
         ));
     }
     let mut layers = Vec::new();
@@ -219,10 +231,13 @@ pub async fn resolve(
     }
     let config_digest = digest_of(reference, manifest.config().digest().as_ref())?;
     let config_size = manifest.config().size();
-    if config_size > MAX_CONFIG {
-        return Err(invalid(
+    if config_size > limits.max_config_bytes {
+        return Err(limit(
             reference,
-            format!("config of {config_size} bytes, more than {MAX_CONFIG}"),
+            format!("config of {config_size} bytes"),
+            "the image config",
+            limits.max_config_bytes,
+            "max-config-bytes",
         ));
     }
     let mut stream = source

@@ -11,7 +11,7 @@ use tokio_util::io::ReaderStream;
 
 use crate::digest::Digest;
 use crate::reference::Reference;
-use crate::registry::{RegistryError, DEFAULT_IDLE_TIMEOUT, MAX_MANIFEST};
+use crate::registry::{manifest_too_large, RegistryError, DEFAULT_IDLE_TIMEOUT};
 use crate::source::{verify_stream, BlobStream, RawManifest};
 
 const REF_NAME: &str = "org.opencontainers.image.ref.name";
@@ -19,10 +19,12 @@ const REF_NAME: &str = "org.opencontainers.image.ref.name";
 #[derive(Debug)]
 pub struct OciLayout {
     dir: PathBuf,
+    /// Longest `index.json` or manifest read.
+    max_manifest_bytes: u64,
 }
 
 impl OciLayout {
-    pub fn open(dir: &Path) -> std::io::Result<OciLayout> {
+    pub fn open(dir: &Path, max_manifest_bytes: u64) -> std::io::Result<OciLayout> {
         for required in ["oci-layout", "index.json"] {
             if !dir.join(required).is_file() {
                 return Err(std::io::Error::new(
@@ -33,6 +35,7 @@ impl OciLayout {
         }
         Ok(OciLayout {
             dir: dir.to_path_buf(),
+            max_manifest_bytes,
         })
     }
 
@@ -47,11 +50,11 @@ impl OciLayout {
             }
             _ => RegistryError::Upstream(format!("{}: {e}", path.display())),
         })?;
-        if data.len() > MAX_MANIFEST {
-            return Err(RegistryError::Invalid(format!(
-                "{}: larger than {MAX_MANIFEST} bytes",
-                path.display()
-            )));
+        if data.len() as u64 > self.max_manifest_bytes {
+            return Err(manifest_too_large(
+                path.display().to_string(),
+                self.max_manifest_bytes,
+            ));
         }
         Ok(data)
     }

@@ -99,6 +99,53 @@ pub fn read_ahead(mut inner: BlobStream) -> BlobStream {
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
+/// Ties a blob stream to the async code that hands it to a blocking reader: once the returned
+/// [`Cancel`] is dropped (with the request future that held it, when a client hangs up), the stream
+/// fails at its next poll and drops the blob, which ends its read-ahead and upstream connection. A
+/// blocking reader is not cancelled by dropping its join handle; without this it would read the whole
+/// blob for a client that has left.
+pub fn cancellable(inner: BlobStream) -> (BlobStream, Cancel) {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let stream = Cancellable {
+        inner: Some(inner),
+        cancelled: rx,
+    };
+    (Box::pin(stream), Cancel { _tx: tx })
+}
+
+/// Fails its [`cancellable`] stream when dropped.
+pub struct Cancel {
+    _tx: tokio::sync::oneshot::Sender<()>,
+}
+
+struct Cancellable {
+    inner: Option<BlobStream>,
+    cancelled: tokio::sync::oneshot::Receiver<()>,
+}
+
+impl Stream for Cancellable {
+    type Item = io::Result<Bytes>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.inner.is_none() {
+            return Poll::Ready(None);
+        }
+        // Ready only with an error: nothing is ever sent, the sender is only dropped.
+        if Pin::new(&mut self.cancelled).poll(cx).is_ready() {
+            self.inner = None;
+            return Poll::Ready(Some(Err(transfer_error(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the request was abandoned",
+            )))));
+        }
+        self.inner
+            .as_mut()
+            .expect("checked above")
+            .as_mut()
+            .poll_next(cx)
+    }
+}
+
 /// Wraps a blob's byte stream: each chunk is hashed and counted, a silence longer than `idle` is an
 /// error, and the end is only reported once digest and size match.
 pub fn verify_stream(inner: BlobStream, digest: Digest, size: u64, idle: Duration) -> BlobStream {
@@ -191,6 +238,26 @@ mod tests {
             out.extend_from_slice(&c?);
         }
         Ok(out)
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_stream_fails_and_drops_the_blob() {
+        let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(1);
+        let inner: BlobStream = Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx));
+        let (mut s, cancel) = cancellable(inner);
+        tx.send(Ok(Bytes::from_static(b"a"))).await.unwrap();
+        assert_eq!(s.next().await.unwrap().unwrap(), "a");
+        let next = tokio::spawn(async move {
+            let item = s.next().await;
+            (item, s.next().await)
+        });
+        tokio::task::yield_now().await;
+        drop(cancel);
+        let (item, after) = next.await.unwrap();
+        let e = item.unwrap().unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionAborted);
+        assert!(after.is_none());
+        assert!(tx.is_closed(), "the blob was dropped");
     }
 
     #[tokio::test]

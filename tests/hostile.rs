@@ -88,7 +88,8 @@ fn hostile_layers_are_refused_before_the_first_byte() {
 }
 
 /// Each limit, with a server whose limit is low (and the PAX one at its default), refuses the image
-/// before the first byte with a message naming the flag that raises it.
+/// before the first byte with a message naming the flag that raises it. The manifest, config and
+/// layer-count limits are met before any layer is fetched; the others while sizing.
 #[test]
 fn limits_refuse_images_past_them() {
     let Some(env) = env() else { return };
@@ -114,6 +115,25 @@ fn limits_refuse_images_past_them() {
             Layer::new().pax_file("x", 0o644, b"x", &[("SCHILY.xattr.user.big", &big_xattr)]),
             &[],
             "--max-pax-bytes",
+        ),
+        // The fixture's manifest is some 500 bytes, its config some 300, and it has two layers.
+        (
+            "manifest",
+            Layer::new().file("m", 0o644, b"x"),
+            &["--max-manifest-bytes", "200"],
+            "the manifest exceeds the limit of 200 (--max-manifest-bytes)",
+        ),
+        (
+            "config",
+            Layer::new().file("c", 0o644, b"x"),
+            &["--max-config-bytes", "100"],
+            "the image config exceeds the limit of 100 (--max-config-bytes)",
+        ),
+        (
+            "layers",
+            Layer::new().file("l", 0o644, b"x"),
+            &["--max-layers", "1"],
+            "2 layers: the layer count exceeds the limit of 1 (--max-layers)",
         ),
     ];
     for (name, layer, flags, fragment) in cases {

@@ -1,7 +1,8 @@
 //! Streaming end to end, seen from outside: strata behind a fault-injecting proxy in front of the real
 //! registry. The first byte leaves before the bottom layer is fetched; a client hang-up stops the upstream
 //! fetch; a registry that fails after the first byte, or a merged layer that outgrows its announced size,
-//! aborts the transfer so that no loader takes the result for a whole image, and the next request succeeds.
+//! aborts the transfer so that no loader takes the result for a whole image, and the next request succeeds;
+//! hang-ups, while sizing or while streaming, leave no task, socket, file or conversion behind.
 
 mod common;
 
@@ -280,4 +281,183 @@ fn a_merged_layer_outgrowing_its_announced_size_aborts_and_the_next_request_succ
         .parse()
         .unwrap();
     assert_eq!(remembered, real);
+}
+
+/// What a server holds: open descriptors, TCP sockets to a port, and its own counts (`/debug/stats`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Held {
+    fds: usize,
+    upstream_sockets: usize,
+    conversions: u64,
+    tasks: u64,
+}
+
+/// The inodes of the TCP sockets (v4 and v6) connected to `port`, from the network namespace's tables.
+fn sockets_to(pid: u32, port: u16) -> Vec<String> {
+    let mut inodes = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            let remote_port = cols[2].rsplit(':').next().unwrap();
+            if u16::from_str_radix(remote_port, 16) == Ok(port) {
+                inodes.push(cols[9].to_string());
+            }
+        }
+    }
+    inodes
+}
+
+fn held(server: &Server, upstream_port: u16) -> Held {
+    let pid = server.pid();
+    let links: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .map(|l| l.to_string_lossy().into_owned())
+        .collect();
+    let upstream = sockets_to(pid, upstream_port);
+    let upstream_sockets = links
+        .iter()
+        .filter(|l| {
+            l.strip_prefix("socket:[")
+                .and_then(|l| l.strip_suffix(']'))
+                .is_some_and(|inode| upstream.iter().any(|u| u == inode))
+        })
+        .count();
+    let (status, _, body) = curl(&[&format!("{}/debug/stats", server.url)]);
+    assert_eq!(status, 200);
+    let stats: Value = serde_json::from_slice(&body).unwrap();
+    Held {
+        fds: links.len(),
+        upstream_sockets,
+        conversions: stats["conversions"].as_u64().unwrap(),
+        tasks: stats["tasks"].as_u64().unwrap(),
+    }
+}
+
+/// Polls until `f` holds or `timeout` passes; whether it held.
+fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Sends a GET and returns at once, the response not yet begun.
+fn send(server: &Server, path: &str) -> TcpStream {
+    let addr = server.url.trim_start_matches("http://");
+    let mut s = TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+    s
+}
+
+#[test]
+fn client_hang_ups_leave_no_task_socket_or_file_behind() {
+    let Some(env) = env() else { return };
+    let proxy = Proxy::start(&env.registry);
+    let server = Server::start(&proxy.addr, &[]);
+    let port: u16 = proxy.addr.rsplit(':').next().unwrap().parse().unwrap();
+    let (warm, warm_bottom) = setup(&env, &proxy, "leak-warm", 16 << 20, 1 << 10);
+    // Its own bytes, so that nothing of it is remembered from the other.
+    let image = Image::new(vec![(
+        Layer::new().file("cold", 0o644, &noise(16 << 20, 4)),
+        Comp::Gzip,
+    )]);
+    publish(&env, "leak-cold", vec![image]);
+    let cold = format!("{}/fixtures/leak-cold:v1", proxy.addr);
+    let cold_bottom = layer_digests(&env.registry, "fixtures/leak-cold", "v1").remove(0);
+    // Everything a conversion sets up once (client, blocking threads, cache dirs) exists from here on.
+    body_of(&server, &warm);
+    let mut baseline = held(&server, port);
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let now = held(&server, port);
+            let settled = now == baseline && now.conversions == 0;
+            baseline = now;
+            settled
+        }),
+        "no steady state after one conversion: {baseline:?}"
+    );
+    assert_eq!(baseline.upstream_sockets, 0, "{baseline:?}");
+
+    // 1 MiB/s: each 16 MiB bottom blob would take 16 s.
+    proxy.rule(&warm_bottom[7..], Fault::Throttle(1 << 20), None);
+    proxy.rule(&cold_bottom[7..], Fault::Throttle(1 << 20), None);
+    let fetching = |bottom: &str, n: usize| {
+        eventually(Duration::from_secs(10), || {
+            proxy
+                .requests(&bottom[7..])
+                .iter()
+                .filter(|r| r.outcome == Outcome::InProgress && r.body_bytes > 0)
+                .count()
+                == n
+        })
+    };
+    const CLIENTS: usize = 3;
+
+    // Hang-ups while the image is being sized, before any response.
+    let sizing: Vec<TcpStream> = (0..CLIENTS)
+        .map(|_| send(&server, &format!("/squash/{cold}")))
+        .collect();
+    assert!(fetching(&cold_bottom, CLIENTS), "sizing never fetched");
+    let during = held(&server, port);
+    assert_eq!(during.conversions, CLIENTS as u64, "{during:?}");
+    assert!(during.upstream_sockets >= CLIENTS, "{during:?}");
+    drop(sizing);
+    let hung_up = Instant::now();
+    // The scans run on blocking threads, which nothing cancels: their fetches must stop all the same.
+    let mut scans = Vec::new();
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            scans = proxy.requests(&cold_bottom[7..]);
+            scans.iter().all(|r| r.outcome != Outcome::InProgress)
+        }),
+        "sizing fetches go on after the hang-ups: {scans:?}"
+    );
+    for scan in &scans {
+        let stopped = scan.ended.unwrap().saturating_duration_since(hung_up);
+        assert!(stopped < Duration::from_secs(1), "{stopped:?}: {scan:?}");
+    }
+
+    // Hang-ups after the first byte, while the bottom layer streams.
+    let streaming: Vec<TcpStream> = (0..CLIENTS)
+        .map(|_| {
+            let (mut s, head, mut body) = open(&server, &format!("/squash/{warm}"));
+            assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+            let mut buf = [0u8; 4096];
+            while body.is_empty() {
+                let n = s.read(&mut buf).unwrap();
+                assert!(n > 0, "stream ended early");
+                body.extend_from_slice(&buf[..n]);
+            }
+            s
+        })
+        .collect();
+    assert!(fetching(&warm_bottom, CLIENTS), "streaming never fetched");
+    drop(streaming);
+    let hung_up = Instant::now();
+
+    let (mut now, mut fetches) = (baseline, Vec::new());
+    let back = eventually(Duration::from_secs(5), || {
+        now = held(&server, port);
+        // The proxy sees a closed connection at its next write.
+        fetches = proxy
+            .requests("/blobs/")
+            .into_iter()
+            .filter(|r| r.outcome == Outcome::InProgress)
+            .collect();
+        now == baseline && fetches.is_empty()
+    });
+    assert!(
+        back,
+        "{:?} after the hang-ups, the server holds {now:?} (baseline {baseline:?}); \
+         fetches still open: {fetches:?}",
+        hung_up.elapsed()
+    );
 }

@@ -14,6 +14,7 @@ use reqwest::header::{
 use reqwest::{Response, StatusCode};
 
 use crate::digest::Digest;
+use crate::limits::{LimitExceeded, DEFAULT_MAX_MANIFEST_BYTES};
 use crate::reference::Reference;
 use crate::source::{verify_stream, BlobStream, RawManifest};
 use auth::{parse_challenge, Challenge, TokenCache, TokenKey, TokenResponse};
@@ -37,8 +38,6 @@ pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
 application/vnd.docker.distribution.manifest.list.v2+json, \
 application/vnd.oci.image.manifest.v1+json, \
 application/vnd.docker.distribution.manifest.v2+json";
-/// Largest manifest read; real ones are a few KiB.
-pub const MAX_MANIFEST: usize = 4 << 20;
 /// A registry that does not answer a connection in this time is down.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest wait for response headers.
@@ -65,6 +64,12 @@ pub enum RegistryError {
     Upstream(String),
     #[error("{0}")]
     Invalid(String),
+    /// The image goes past one of the configured limits: its fault, not the registry's.
+    #[error("{context}: {limit}")]
+    Limit {
+        context: String,
+        limit: LimitExceeded,
+    },
 }
 
 impl RegistryError {
@@ -74,7 +79,9 @@ impl RegistryError {
             RegistryError::Unauthorized(_) => 401,
             RegistryError::Denied(_) => 403,
             RegistryError::NotFound(_) => 404,
-            RegistryError::Upstream(_) | RegistryError::Invalid(_) => 502,
+            RegistryError::Upstream(_)
+            | RegistryError::Invalid(_)
+            | RegistryError::Limit { .. } => 502,
         }
     }
 }
@@ -86,6 +93,8 @@ pub struct ClientConfig {
     pub user_agent: String,
     /// How long a blob may send nothing before its transfer counts as failed.
     pub idle_timeout: Duration,
+    /// Longest manifest or index read.
+    pub max_manifest_bytes: u64,
 }
 
 impl Default for ClientConfig {
@@ -94,6 +103,7 @@ impl Default for ClientConfig {
             insecure: Vec::new(),
             user_agent: format!("strata/{}", env!("CARGO_PKG_VERSION")),
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_manifest_bytes: DEFAULT_MAX_MANIFEST_BYTES,
         }
     }
 }
@@ -103,6 +113,7 @@ pub struct Client {
     insecure: Vec<String>,
     tokens: TokenCache,
     idle_timeout: Duration,
+    max_manifest_bytes: u64,
 }
 
 /// The registry's error body: `{"errors":[{"code":…,"message":…}]}`.
@@ -146,6 +157,7 @@ impl Client {
             insecure: config.insecure,
             tokens: TokenCache::default(),
             idle_timeout: config.idle_timeout,
+            max_manifest_bytes: config.max_manifest_bytes,
         }
     }
 
@@ -353,10 +365,8 @@ impl Client {
         while let Some(chunk) = stream.next().await {
             let chunk = chunk
                 .map_err(|e| RegistryError::Upstream(format!("{url}: {}", error_chain(&e))))?;
-            if body.len() + chunk.len() > MAX_MANIFEST {
-                return Err(RegistryError::Invalid(format!(
-                    "{url}: manifest larger than {MAX_MANIFEST} bytes"
-                )));
+            if (body.len() + chunk.len()) as u64 > self.max_manifest_bytes {
+                return Err(manifest_too_large(url, self.max_manifest_bytes));
             }
             body.extend_from_slice(&chunk);
         }
@@ -396,6 +406,18 @@ impl Client {
             size,
             self.idle_timeout,
         ))
+    }
+}
+
+/// A manifest (or index) past `--max-manifest-bytes`; `context` names where it came from.
+pub fn manifest_too_large(context: String, limit: u64) -> RegistryError {
+    RegistryError::Limit {
+        context,
+        limit: LimitExceeded {
+            what: "the manifest",
+            limit,
+            flag: "max-manifest-bytes",
+        },
     }
 }
 

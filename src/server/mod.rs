@@ -28,6 +28,7 @@ use crate::convert::{AciRequest, AciSignature, Converter, Error, SquashRequest};
 use crate::format::aci::names::platform_from_appc;
 use crate::manifest::Platform;
 use crate::registry::Credentials;
+use crate::stats::Stats;
 use routes::{AciRoute, Route, RouteError};
 
 /// Conversions served at once unless configured: each holds a blocking thread and a few MiB.
@@ -114,10 +115,10 @@ pub async fn run(
     Ok(())
 }
 
-fn json_error(status: u16, code: &str, message: &str) -> Response<Body> {
-    let body = serde_json::json!({"error": {"code": code, "message": message}});
+fn json(status: u16, body: &impl serde::Serialize) -> Response<Body> {
+    let body = serde_json::to_vec(body).expect("serialisable");
     let mut resp = Response::new(
-        Full::new(Bytes::from(body.to_string()))
+        Full::new(Bytes::from(body))
             .map_err(|e: Infallible| match e {})
             .boxed_unsync(),
     );
@@ -127,6 +128,13 @@ fn json_error(status: u16, code: &str, message: &str) -> Response<Body> {
         HeaderValue::from_static("application/json"),
     );
     resp
+}
+
+fn json_error(status: u16, code: &str, message: &str) -> Response<Body> {
+    json(
+        status,
+        &serde_json::json!({"error": {"code": code, "message": message}}),
+    )
 }
 
 fn from_error(e: &Error) -> Response<Body> {
@@ -225,6 +233,17 @@ async fn respond(req: Request<Incoming>, state: &Arc<State>) -> Response<Body> {
                 Ok(resp) => resp,
                 Err(e) => from_error(&e),
             }
+        }
+        Route::Stats => {
+            return json(
+                200,
+                &Stats {
+                    conversions: state.converter.live_conversions(),
+                    tasks: tokio::runtime::Handle::current()
+                        .metrics()
+                        .num_alive_tasks(),
+                },
+            )
         }
         Route::Squash(r) => r,
     };

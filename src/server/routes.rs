@@ -14,6 +14,8 @@ pub enum Route {
     /// The public key ACI signatures verify with.
     SigningKey,
     Health,
+    /// What is in flight: live conversions, runtime tasks.
+    Stats,
 }
 
 /// `/c1/aci/<server>/<repository...>/<tag>/{aci,aci.asc}/<os>/<arch>/`
@@ -89,6 +91,9 @@ pub fn route(path: &str) -> Result<Route, RouteError> {
     }
     if let Some(rest) = path.strip_prefix("/c1/aci/") {
         return aci(&decode(rest)?).map(Route::Aci);
+    }
+    if path == "/debug/stats" {
+        return Ok(Route::Stats);
     }
     if let Some(rest) = path.strip_prefix("/squash/") {
         let reference = decode(rest)?;
@@ -200,6 +205,7 @@ mod tests {
                     signature: true,
                 })),
             ),
+            ("/debug/stats", Ok(Route::Stats)),
             (
                 "/squash/",
                 Err(RouteError::BadRequest("missing image reference".into())),
