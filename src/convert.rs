@@ -53,7 +53,7 @@ pub struct AciRequest {
     pub credentials: Credentials,
     /// The ACIdentifier the image is fetched by (`<public name>/<repository>`).
     pub name: String,
-    /// The `version` label; `None` takes the reference's tag (or `latest`).
+    /// The `version` label; `None` takes the reference's tag (or, by digest, the manifest digest).
     pub version: Option<String>,
 }
 
@@ -376,7 +376,8 @@ impl Converter {
             .version
             .clone()
             .or_else(|| request.reference.tag.clone())
-            .unwrap_or_else(|| "latest".into());
+            // A reference by digest alone names no tag; the digest is what it is known by.
+            .unwrap_or_else(|| image.manifest_digest.to_string());
         let arch = aci::names::appc_arch(
             &image.platform.architecture,
             image.platform.variant.as_deref(),
