@@ -89,6 +89,15 @@ fn actool_validate(file: &Path) -> String {
     text
 }
 
+/// Member names in archive order.
+fn entry_names(file: &Path) -> Vec<String> {
+    tar::Archive::new(std::fs::File::open(file).unwrap())
+        .entries()
+        .unwrap()
+        .map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned())
+        .collect()
+}
+
 fn manifest_of(file: &Path) -> Value {
     serde_json::from_slice(&run(Command::new("actool").arg("cat-manifest").arg(file))).unwrap()
 }
@@ -116,6 +125,12 @@ fn docker_additions(env: &Env) -> &'static BTreeMap<String, String> {
 /// its `rootfs/` exactly the file system `docker pull` gives.
 fn check_against_docker_pull(env: &Env, name: &'static str) -> PathBuf {
     let r = published(env, name);
+    check_against_twin(env, name, &r)
+}
+
+/// Same, the oracle pulled from `twin`: an image with the same uncompressed layers, for inputs the
+/// test daemon cannot pull itself.
+fn check_against_twin(env: &Env, name: &'static str, twin: &str) -> PathBuf {
     let s = aci_server(env);
     let repo = format!("fixtures/{name}");
     let file = download(&aci_url(&s.server, &repo, "v1", "aci", "amd64"));
@@ -132,13 +147,7 @@ fn check_against_docker_pull(env: &Env, name: &'static str) -> PathBuf {
         ])
     );
     // Top level: the manifest and rootfs/, nothing else, nothing twice.
-    let mut names = Vec::new();
-    for e in tar::Archive::new(std::fs::File::open(&file).unwrap())
-        .entries()
-        .unwrap()
-    {
-        names.push(e.unwrap().path().unwrap().to_string_lossy().into_owned());
-    }
+    let names = entry_names(&file);
     assert_eq!(names[0], "rootfs");
     assert_eq!(names.last().unwrap(), "manifest");
     assert!(names[1..names.len() - 1]
@@ -147,7 +156,7 @@ fn check_against_docker_pull(env: &Env, name: &'static str) -> PathBuf {
     let unique: std::collections::BTreeSet<&String> = names.iter().collect();
     assert_eq!(unique.len(), names.len(), "duplicate entries");
 
-    let mut want = oracle(&r);
+    let mut want = oracle(twin);
     let got = listing_under(std::fs::File::open(&file).unwrap(), "rootfs/");
     for (path, line) in docker_additions(env) {
         if !got.contains_key(path) && want.get(path) == Some(line) {
@@ -161,7 +170,7 @@ fn check_against_docker_pull(env: &Env, name: &'static str) -> PathBuf {
             .map(|(p, line)| (p.clone(), line[..line.rfind(" [").unwrap()].to_string()))
             .collect()
     };
-    assert_same(&blind(&want), &blind(&got), &format!("ACI of {r}"));
+    assert_same(&blind(&want), &blind(&got), &format!("ACI of {repo}"));
     file
 }
 
@@ -179,6 +188,9 @@ fn published(env: &Env, name: &'static str) -> String {
                 "hardlinks" => images::hardlinks(),
                 "special" => images::special(),
                 "busybox" => vec![images::busybox()],
+                "compression" => images::compression(false),
+                "compression-gzip" => images::compression(true),
+                "duplicates" => images::duplicates(),
                 other => panic!("no fixture {other}"),
             };
             publish(env, name, images)
@@ -223,6 +235,47 @@ fn busybox_aci_matches_docker_pull() {
     let app = &manifest_of(&file)["app"];
     assert_eq!(app["exec"], json!(["/bin/sh", "-c", "cat /etc/greeting"]));
     assert_eq!(app["environment"], json!([{"name": "A", "value": "b=c"}]));
+}
+
+/// zstd and uncompressed layers: the oracle is the all-gzip twin (Docker 20.10 pulls no zstd).
+#[test]
+fn compression_aci_matches_docker_pull() {
+    let Some(env) = env() else { return };
+    published(&env, "compression");
+    let twin = published(&env, "compression-gzip");
+    check_against_twin(&env, "compression", &twin);
+}
+
+/// Docker schema 2 manifests, not only OCI ones.
+#[test]
+fn v2s2_aci_matches_docker_pull() {
+    let Some(env) = env() else { return };
+    let r = publish_as(&env, "aci-v2s2", images::basic(), "v2s2");
+    check_against_twin(&env, "aci-v2s2", &r);
+}
+
+/// Paths a layer holds twice: one entry each in `rootfs/`, the last occurrence's.
+#[test]
+fn duplicates_aci_keeps_the_last_occurrence() {
+    let Some(env) = env() else { return };
+    published(&env, "duplicates");
+    let s = aci_server(&env);
+    let file = download(&aci_url(
+        &s.server,
+        "fixtures/duplicates",
+        "v1",
+        "aci",
+        "amd64",
+    ));
+    actool_validate(&file);
+    let names = entry_names(&file);
+    let unique: std::collections::BTreeSet<&String> = names.iter().collect();
+    assert_eq!(unique.len(), names.len(), "duplicate entries: {names:?}");
+    let got = listing_under(std::fs::File::open(&file).unwrap(), "rootfs/");
+    let sha = |b: &[u8]| common::fixtures::sha(b)[7..19].to_string();
+    assert!(got["dup"].starts_with("Regular 640 ") && got["dup"].contains(&sha(b"second")));
+    assert!(got["dir2dup"].contains(&sha(b"two")));
+    assert!(!got.contains_key("dir2dup/child"), "{got:?}");
 }
 
 /// gpg with a home (keyring) of its own, holding `public_key`.

@@ -97,22 +97,7 @@ fn whiteouts_match_docker_pull() {
 #[test]
 fn duplicate_paths_keep_the_last_occurrence() {
     let Some(env) = env() else { return };
-    let lower = Layer::new()
-        .file("dup", 0o644, b"dup-lower")
-        .dir("dir2dup", 0o755)
-        .file("dir2dup/child", 0o644, b"c");
-    let upper = Layer::new()
-        // `./x` and `x` are one path.
-        .raw_name("./dup", tar::EntryType::Regular, 0o600, b"first")
-        .raw_name("dup", tar::EntryType::Regular, 0o640, b"second")
-        // A directory replaced by a file, then the file written again: the lower subtree is gone.
-        .raw_name("dir2dup", tar::EntryType::Regular, 0o644, b"one")
-        .raw_name("./dir2dup", tar::EntryType::Regular, 0o644, b"two");
-    let r = publish(
-        &env,
-        "duplicates",
-        vec![Image::new(vec![(lower, Comp::Gzip), (upper, Comp::Gzip)])],
-    );
+    let r = publish(&env, "duplicates", images::duplicates());
     let server = shared_server(&env.registry);
     let tag = "strata-test/duplicates:squashed";
     let file = fetch(server, &r, &format!("?tag={tag}"));
@@ -181,44 +166,13 @@ fn other_loaders(env: &Env, file: &std::path::Path) {
     }
 }
 
-/// Every layer compression; `all_gzip` gives the twin with the same uncompressed layers, gzipped.
-fn compression(all_gzip: bool) -> Vec<Image> {
-    let comp = |c| if all_gzip { Comp::Gzip } else { c };
-    vec![Image::new(vec![
-        (
-            Layer::new()
-                .dir("a", 0o755)
-                .file("a/gz", 0o644, &[b'g'; 5000])
-                .file("a/gz2", 0o644, b"second member"),
-            comp(Comp::GzipMulti),
-        ),
-        (
-            Layer::new()
-                .dir("b", 0o755)
-                .file("b/zstd", 0o644, &[b'z'; 5000])
-                .file("b/z2", 0o644, b"second frame"),
-            comp(Comp::ZstdMulti),
-        ),
-        (
-            Layer::new()
-                .file("plain", 0o644, b"uncompressed layer")
-                .whiteout("a/gz2"),
-            comp(Comp::None),
-        ),
-        (
-            Layer::new().file("single-zstd", 0o644, b"z"),
-            comp(Comp::Zstd),
-        ),
-    ])]
-}
-
 /// The test daemon (Docker 20.10) cannot pull zstd layers (support came in Docker 23), so the oracle is
 /// the gzip twin: same uncompressed layers, hence the same file system and diff_ids.
 #[test]
 fn compressions_match_docker_pull() {
     let Some(env) = env() else { return };
-    let r = publish(&env, "compression", compression(false));
-    let twin = publish(&env, "compression-gzip", compression(true));
+    let r = publish(&env, "compression", images::compression(false));
+    let twin = publish(&env, "compression-gzip", images::compression(true));
     check_against_twin(
         shared_server(&env.registry),
         &r,

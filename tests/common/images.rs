@@ -147,3 +147,50 @@ pub fn busybox() -> Image {
     image.config = json!({"Cmd": ["/bin/sh", "-c", "cat /etc/greeting"], "Env": ["A=b=c"]});
     image
 }
+
+/// Every layer compression; `all_gzip` gives the twin with the same uncompressed layers, gzipped.
+pub fn compression(all_gzip: bool) -> Vec<Image> {
+    let comp = |c| if all_gzip { Comp::Gzip } else { c };
+    vec![Image::new(vec![
+        (
+            Layer::new()
+                .dir("a", 0o755)
+                .file("a/gz", 0o644, &[b'g'; 5000])
+                .file("a/gz2", 0o644, b"second member"),
+            comp(Comp::GzipMulti),
+        ),
+        (
+            Layer::new()
+                .dir("b", 0o755)
+                .file("b/zstd", 0o644, &[b'z'; 5000])
+                .file("b/z2", 0o644, b"second frame"),
+            comp(Comp::ZstdMulti),
+        ),
+        (
+            Layer::new()
+                .file("plain", 0o644, b"uncompressed layer")
+                .whiteout("a/gz2"),
+            comp(Comp::None),
+        ),
+        (
+            Layer::new().file("single-zstd", 0o644, b"z"),
+            comp(Comp::Zstd),
+        ),
+    ])]
+}
+
+/// A layer holding paths twice (`./x` and `x` are one path): the last occurrence wins. No docker
+/// oracle: docker pull refuses such a layer.
+pub fn duplicates() -> Vec<Image> {
+    let lower = Layer::new()
+        .file("dup", 0o644, b"dup-lower")
+        .dir("dir2dup", 0o755)
+        .file("dir2dup/child", 0o644, b"c");
+    let upper = Layer::new()
+        .raw_name("./dup", tar::EntryType::Regular, 0o600, b"first")
+        .raw_name("dup", tar::EntryType::Regular, 0o640, b"second")
+        // A directory replaced by a file, then the file written again: the lower subtree is gone.
+        .raw_name("dir2dup", tar::EntryType::Regular, 0o644, b"one")
+        .raw_name("./dir2dup", tar::EntryType::Regular, 0o644, b"two");
+    vec![Image::new(vec![(lower, Comp::Gzip), (upper, Comp::Gzip)])]
+}
