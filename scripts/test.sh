@@ -6,8 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # --- packages (idempotent: apt-get only runs when something is missing) ---
-packages=(docker.io docker-registry skopeo podman containerd pigz zstd busybox-static curl appc-spec gnupg sqv)
-commands=(dockerd docker-registry skopeo podman containerd pigz zstd busybox curl actool gpg sqv)
+packages=(docker.io docker-registry skopeo podman containerd pigz zstd busybox-static curl appc-spec gnupg sqv openssl)
+commands=(dockerd docker-registry skopeo podman containerd pigz zstd busybox curl actool gpg sqv openssl)
 missing=()
 for i in "${!commands[@]}"; do
   command -v "${commands[$i]}" >/dev/null 2>&1 || missing+=("${packages[$i]}")

@@ -1,26 +1,50 @@
-//! Private repositories: a real registry with htpasswd (Basic) authentication, started by this test.
-//! The caller's own `Authorization: Basic` reaches the registry through strata; without it, or with wrong
-//! credentials, the answer is a JSON 401 before the first byte, even once the image's sizes are
-//! remembered; and the credentials never show up in strata's log.
+//! Private repositories: real registries started by these tests, one with htpasswd (Basic)
+//! authentication, one with token authentication backed by the test's own token server
+//! (`common/token.rs`). The caller's own credentials reach the registry (Basic) or the token server
+//! (token auth, where the registry only ever sees the bearer token) through strata; without them, or
+//! with wrong ones, the answer is a JSON 401 before the first byte, even once the image's sizes are
+//! remembered; tokens are fetched once per caller and repository, not per request, and one caller's
+//! token is never used for another; and credentials never show up in strata's log.
 
 mod common;
 
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use common::fixtures::{write_layout, Comp, Image, Layer};
 use common::proxy::{Fault, Outcome, Proxy};
+use common::token::{basic, Fields, TokenServer, User, ISSUER, SERVICE};
 use common::*;
 use serde_json::Value;
 
 const USER: &str = "alice";
 const PASSWORD: &str = "s3cret-Pa55word";
+/// The caller of most tests; allowed to push, for the fixtures.
+const ALICE: User = User {
+    name: USER,
+    password: PASSWORD,
+    actions: &["pull", "push"],
+};
+/// Another caller who may pull.
+const BOB: User = User {
+    name: "bob",
+    password: "b0b-Pa55word",
+    actions: &["pull"],
+};
+/// A caller the token server knows but grants nothing.
+const CAROL: User = User {
+    name: "carol",
+    password: "car0l-Pa55word",
+    actions: &[],
+};
 
-/// A registry that wants Basic credentials, killed on drop.
+/// A registry that wants credentials, killed on drop.
 struct PrivateRegistry {
     child: Child,
     addr: String,
+    config: PathBuf,
 }
 
 impl Drop for PrivateRegistry {
@@ -31,40 +55,95 @@ impl Drop for PrivateRegistry {
 }
 
 impl PrivateRegistry {
+    /// Basic authentication against an htpasswd file.
     fn start() -> PrivateRegistry {
         let dir = scratch(&format!("private-registry-{}", rand_suffix()));
         let hash = bcrypt::hash(PASSWORD, 4).unwrap();
         std::fs::write(dir.join("htpasswd"), format!("{USER}:{hash}\n")).unwrap();
-        let port = free_port();
-        let addr = format!("127.0.0.1:{port}");
+        let auth = format!(
+            "  htpasswd:\n    realm: strata-test\n    path: {}\n",
+            dir.join("htpasswd").display()
+        );
+        PrivateRegistry::serve(&dir, &auth)
+    }
+
+    /// Token authentication: the challenge sends clients to `tokens`, and the registry trusts what
+    /// its key signs.
+    fn with_tokens(tokens: &TokenServer) -> PrivateRegistry {
+        let dir = scratch(&format!("token-registry-{}", rand_suffix()));
+        let auth = format!(
+            "  token:\n    realm: {}\n    service: {SERVICE}\n    issuer: {ISSUER}\n    rootcertbundle: {}\n",
+            tokens.realm,
+            tokens.cert.display()
+        );
+        PrivateRegistry::serve(&dir, &auth)
+    }
+
+    /// Starts `docker-registry` in `dir` with `auth` as the indented body of its `auth:` section.
+    fn serve(dir: &Path, auth: &str) -> PrivateRegistry {
+        let addr = format!("127.0.0.1:{}", free_port());
         let config = format!(
             "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {root}\nhttp:\n  addr: {addr}\n\
-             auth:\n  htpasswd:\n    realm: strata-test\n    path: {htpasswd}\nlog:\n  level: warn\n",
+             auth:\n{auth}log:\n  level: warn\n",
             root = dir.join("data").display(),
-            htpasswd = dir.join("htpasswd").display(),
         );
-        std::fs::write(dir.join("config.yml"), config).unwrap();
-        let child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(dir.join("config.yml"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("docker-registry installed by scripts/test.sh");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(&addr).is_err() {
-            assert!(Instant::now() < deadline, "private registry did not start");
-            std::thread::sleep(Duration::from_millis(50));
+        let path = dir.join("config.yml");
+        std::fs::write(&path, config).unwrap();
+        PrivateRegistry {
+            child: spawn_registry(&path, &addr),
+            addr,
+            config: path,
         }
-        PrivateRegistry { child, addr }
     }
+
+    /// Stops the registry and starts it again on the same port and storage, so that it reads its
+    /// configuration (and certificate bundle) anew.
+    fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = spawn_registry(&self.config, &self.addr);
+    }
+}
+
+/// Runs `docker-registry serve config` and waits until `addr` accepts connections; its log is added
+/// to the one next to the configuration.
+fn spawn_registry(config: &Path, addr: &str) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(config.with_extension("log"))
+        .unwrap();
+    let child = Command::new("docker-registry")
+        .arg("serve")
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("docker-registry installed by scripts/test.sh");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "private registry did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child
 }
 
 /// Writes `layers` as an OCI layout and pushes it to the private registry as `repo:v1`.
 fn push_private(registry: &PrivateRegistry, name: &str, layers: Vec<Layer>, repo: &str) {
-    let layout = scratch(name);
     let image = Image::new(layers.into_iter().map(|l| (l, Comp::Gzip)).collect());
-    write_layout(&layout, &[image], "v1");
+    push_images(registry, &ALICE, name, vec![image], repo);
+}
+
+/// Writes `images` as an OCI layout and pushes it as `user` to the private registry as `repo:v1`.
+fn push_images(
+    registry: &PrivateRegistry,
+    user: &User,
+    name: &str,
+    images: Vec<Image>,
+    repo: &str,
+) {
+    let layout = scratch(name);
+    write_layout(&layout, &images, "v1");
     run(Command::new("skopeo")
         .args([
             "copy",
@@ -72,7 +151,7 @@ fn push_private(registry: &PrivateRegistry, name: &str, layers: Vec<Layer>, repo
             "--preserve-digests",
             "--dest-tls-verify=false",
         ])
-        .args(["--dest-creds", &format!("{USER}:{PASSWORD}")])
+        .args(["--dest-creds", &user.creds()])
         .arg(format!("oci:{}:v1", layout.display()))
         .arg(format!("docker://{}/{repo}:v1", registry.addr)));
 }
@@ -185,6 +264,220 @@ fn blob_redirects_to_another_host_carry_no_credentials() {
             .any(|r| r.authorization.is_some()),
         "the registry itself did get the credentials"
     );
+}
+
+/// Token authentication as distribution implements it (`auth: token:` with a root certificate
+/// bundle): strata follows the registry's challenge to the token server with each caller's own Basic
+/// credentials, and the registry itself only ever sees bearer tokens.
+#[test]
+fn token_auth_uses_the_callers_own_credentials_at_the_token_server() {
+    let Some(env) = env() else { return };
+    let tokens = TokenServer::start(
+        &scratch(&format!("tokens-{}", rand_suffix())),
+        &[ALICE, BOB, CAROL],
+    );
+    let registry = PrivateRegistry::with_tokens(&tokens);
+    push_images(
+        &registry,
+        &ALICE,
+        "token-layout",
+        images::whiteouts(),
+        "private/tokened",
+    );
+    let pushed = tokens.requests();
+    assert!(
+        !pushed.is_empty() && pushed.iter().all(|r| r.status == 200),
+        "skopeo pushed with tokens: {pushed:?}"
+    );
+    let pushed = pushed.len();
+    // The same image on the open registry, for docker pull to compare with.
+    let twin = publish(&env, "tokened-twin", images::whiteouts());
+
+    // `front` records what strata sends the registry.
+    let front = Proxy::start(&registry.addr);
+    let server = Server::start_logging(&front.addr, &[], "debug");
+    let url = format!("{}/squash/{}/private/tokened:v1", server.url, front.addr);
+
+    // No credentials, a wrong password: the token server refuses them, strata answers a JSON 401.
+    let v = json_error(&url, 401);
+    assert_eq!(v["error"]["code"], "UNAUTHORIZED", "{v}");
+    json_error_curl(&["-u", &format!("{USER}:wrong"), &url], 401);
+
+    // Alice's squash has the file system docker pull gives.
+    let tag = "strata-test/tokened:squashed";
+    let (status, _, body) = curl(&["-f", "-u", &ALICE.creds(), &format!("{url}?tag={tag}")]);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let file = scratch("tokened-out").join("image.tar");
+    std::fs::write(&file, &body).unwrap();
+    run(docker()
+        .args(["load", "-i"])
+        .arg(&file)
+        .env("DOCKER_CLI_HINTS", "false"));
+    assert_eq!(load_name(&body), tag);
+    assert_same(&oracle(&twin), &export_listing(tag), "token-auth squash");
+
+    // The token server saw each caller's own credentials, once, for the challenge's service and scope.
+    let asked = tokens.requests()[pushed..].to_vec();
+    let who: Vec<_> = asked
+        .iter()
+        .map(|r| (r.authorization.clone(), r.status))
+        .collect();
+    assert_eq!(
+        who,
+        [
+            (None, 401),
+            (Some(basic(USER, "wrong")), 401),
+            (Some(ALICE.basic()), 200)
+        ],
+        "{asked:?}"
+    );
+    for r in &asked {
+        assert_eq!(r.service.as_deref(), Some(SERVICE), "{r:?}");
+        assert_eq!(r.scopes, ["repository:private/tokened:pull"], "{r:?}");
+    }
+    let alice_token = asked[2].token.clone().unwrap();
+
+    // The registry never got a Basic header; one token served the whole conversion: the manifest
+    // after the challenge, the config and both layers.
+    let bearer = |token: &str| Some(format!("Bearer {token}"));
+    let seen = front.requests("/v2/");
+    for r in &seen {
+        assert!(
+            r.authorization.is_none() || r.authorization.as_deref().unwrap().starts_with("Bearer "),
+            "the registry got more than a bearer token: {r:?}"
+        );
+    }
+    let blobs = seen
+        .iter()
+        .filter(|r| r.path.contains("/blobs/") && r.authorization == bearer(&alice_token))
+        .count();
+    assert!(blobs >= 3, "config and two layers: {seen:?}");
+
+    // Alice again: her cached token, no new request to the token server.
+    let (seen_before, asked_before) = (seen.len(), tokens.requests().len());
+    let (status, _, alice_body) = curl(&["-f", "-u", &ALICE.creds(), &url]);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&alice_body));
+    assert_eq!(tokens.requests().len(), asked_before, "a second token");
+    let again = &front.requests("/v2/")[seen_before..];
+    assert!(!again.is_empty());
+    for r in again {
+        assert_eq!(r.authorization, bearer(&alice_token), "{r:?}");
+    }
+
+    // Bob: a token of his own, asked for with his own credentials, used for all his requests.
+    let seen_before = front.requests("/v2/").len();
+    let (status, _, bob_body) = curl(&["-f", "-u", &BOB.creds(), &url]);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&bob_body));
+    assert_eq!(bob_body, alice_body, "the same image for both callers");
+    let asked = tokens.requests()[asked_before..].to_vec();
+    assert_eq!(asked.len(), 1, "{asked:?}");
+    assert_eq!(asked[0].authorization, Some(BOB.basic()));
+    assert_eq!(asked[0].user.as_deref(), Some("bob"));
+    let bob_token = asked[0].token.clone().unwrap();
+    assert_ne!(bob_token, alice_token);
+    let bobs = &front.requests("/v2/")[seen_before..];
+    assert!(bobs.iter().any(|r| r.authorization == bearer(&bob_token)));
+    assert!(
+        bobs.iter()
+            .all(|r| r.authorization.is_none() || r.authorization == bearer(&bob_token)),
+        "bob's conversion used another token: {bobs:?}"
+    );
+
+    // Carol is known to the token server but may not pull: her token grants nothing, and the
+    // registry refuses her although tokens that may pull this repository are cached.
+    let asked_before = tokens.requests().len();
+    let v = json_error_curl(&["-u", &CAROL.creds(), &url], 401);
+    assert_eq!(v["error"]["code"], "UNAUTHORIZED", "{v}");
+    let asked = tokens.requests()[asked_before..].to_vec();
+    assert_eq!(asked.len(), 1, "{asked:?}");
+    assert_eq!(asked[0].authorization, Some(CAROL.basic()));
+    assert_eq!(asked[0].status, 200, "a token, for nothing");
+
+    let log = server.log.lock().unwrap().clone();
+    assert!(
+        log.contains("private/tokened"),
+        "the debug log is on: {log}"
+    );
+    for secret in [PASSWORD, &ALICE.basic(), &alice_token, &bob_token] {
+        assert!(!log.contains(secret), "a secret in the log: {log}");
+    }
+}
+
+/// A cached token the registry stops trusting before it expires (its signing key rotated, the
+/// registry restarted on the new certificate) is replaced by a new one, once, and the conversion goes
+/// on with it.
+#[test]
+fn a_token_the_registry_refuses_is_fetched_again() {
+    let Some(_env) = env() else { return };
+    let tokens = TokenServer::start(&scratch(&format!("tokens-{}", rand_suffix())), &[ALICE]);
+    let mut registry = PrivateRegistry::with_tokens(&tokens);
+    push_images(
+        &registry,
+        &ALICE,
+        "rotated-layout",
+        images::basic(),
+        "private/rotated",
+    );
+    let front = Proxy::start(&registry.addr);
+    let server = Server::start(&front.addr, &[]);
+    let url = format!("{}/squash/{}/private/rotated:v1", server.url, front.addr);
+    let squash = || {
+        let (status, _, body) = curl(&["-f", "-u", &ALICE.creds(), &url]);
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        body
+    };
+
+    let asked_before = tokens.requests().len();
+    let first = squash();
+    let old = tokens.requests()[asked_before..].to_vec();
+    assert_eq!(old.len(), 1, "{old:?}");
+    let old = old[0].token.clone().unwrap();
+
+    tokens.rotate_key();
+    registry.restart();
+    let seen_before = front.requests("/v2/").len();
+    let second = squash();
+    assert_eq!(first, second);
+    let asked = tokens.requests()[asked_before + 1..].to_vec();
+    assert_eq!(asked.len(), 1, "one new token: {asked:?}");
+    assert_eq!(asked[0].authorization, Some(ALICE.basic()));
+    let new = asked[0].token.clone().unwrap();
+    let seen = &front.requests("/v2/")[seen_before..];
+    assert_eq!(seen[0].authorization, Some(format!("Bearer {old}")));
+    assert!(
+        seen[1..]
+            .iter()
+            .all(|r| r.authorization == Some(format!("Bearer {new}"))),
+        "{seen:?}"
+    );
+}
+
+/// The token spec lets a token server answer with `token`, `access_token` or both; either alone will
+/// do.
+#[test]
+fn either_token_field_is_accepted() {
+    let Some(_env) = env() else { return };
+    let tokens = TokenServer::start(&scratch(&format!("tokens-{}", rand_suffix())), &[ALICE]);
+    let registry = PrivateRegistry::with_tokens(&tokens);
+    push_private(
+        &registry,
+        "fields-layout",
+        vec![Layer::new().file("f", 0o644, b"f")],
+        "private/fields",
+    );
+    for fields in [Fields::Token, Fields::AccessToken] {
+        tokens.set_fields(fields);
+        // A server of its own each time: an empty token cache.
+        let server = Server::start(&registry.addr, &[]);
+        let url = format!("{}/squash/{}/private/fields:v1", server.url, registry.addr);
+        let (status, _, body) = curl(&["-f", "-u", &ALICE.creds(), &url]);
+        assert_eq!(
+            status,
+            200,
+            "{fields:?}: {}",
+            String::from_utf8_lossy(&body)
+        );
+    }
 }
 
 /// The name `docker load` gave the image: the first RepoTags entry of the archive's manifest.json.

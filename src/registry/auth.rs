@@ -11,6 +11,10 @@ use sha2::{Digest as _, Sha256};
 const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
 /// Tokens are dropped this long before they expire, so a request never starts with a dying one.
 const EXPIRY_MARGIN: Duration = Duration::from_secs(5);
+/// Longest a token is kept, whatever its `expires_in` claims: a lifetime past what `Instant` can
+/// count (a token server answering `"expires_in": 18446744073709551615`) must not panic, and an
+/// hourly token request costs nothing.
+const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 /// Cached tokens kept at most; the cache is cleared when it grows past this.
 const MAX_TOKENS: usize = 4096;
 
@@ -93,7 +97,9 @@ impl TokenCache {
     }
 
     pub fn put(&self, key: TokenKey, token: String, expires_in: Option<u64>) {
-        let lifetime = expires_in.map_or(DEFAULT_TOKEN_LIFETIME, Duration::from_secs);
+        let lifetime = expires_in
+            .map_or(DEFAULT_TOKEN_LIFETIME, Duration::from_secs)
+            .min(MAX_TOKEN_LIFETIME);
         let until = Instant::now() + lifetime.saturating_sub(EXPIRY_MARGIN);
         let mut tokens = self.tokens.lock().expect("token cache lock");
         if tokens.len() >= MAX_TOKENS {
@@ -152,5 +158,13 @@ mod tests {
         assert_eq!(cache.get(&a).as_deref(), Some("ta"));
         assert_eq!(cache.get(&b), None);
         assert_eq!(cache.get(&TokenKey::new("r", "x", None)), None);
+    }
+
+    #[test]
+    fn an_endless_expires_in_does_not_panic() {
+        let cache = TokenCache::default();
+        let key = TokenKey::new("r", "x", None);
+        cache.put(key.clone(), "t".into(), Some(u64::MAX));
+        assert_eq!(cache.get(&key).as_deref(), Some("t"));
     }
 }

@@ -122,7 +122,7 @@ impl Proxy {
     }
 }
 
-fn read_head(stream: &mut TcpStream) -> io::Result<Vec<u8>> {
+pub(super) fn read_head(stream: &mut TcpStream) -> io::Result<Vec<u8>> {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -135,7 +135,7 @@ fn read_head(stream: &mut TcpStream) -> io::Result<Vec<u8>> {
 }
 
 /// The value of header `name` in a head.
-fn header(head: &[u8], name: &str) -> Option<String> {
+pub(super) fn header(head: &[u8], name: &str) -> Option<String> {
     String::from_utf8_lossy(head).split("\r\n").find_map(|l| {
         let (k, v) = l.split_once(':')?;
         k.trim()
