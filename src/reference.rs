@@ -89,6 +89,24 @@ fn valid_host(h: &str) -> bool {
         })
 }
 
+/// Whether the first component of a name is a registry host rather than part of the repository
+/// (docker's rule: a dot, a port, or `localhost`).
+fn names_a_host(first: &str) -> bool {
+    first.contains('.') || first.contains(':') || first == "localhost"
+}
+
+/// A Docker Hub repository the way docker shows it, when that shorter form reads back as the same one.
+fn hub_short(repository: &str) -> Option<&str> {
+    let short = match repository.strip_prefix("library/") {
+        Some(official) if !official.contains('/') => official,
+        _ => repository,
+    };
+    match short.split_once('/') {
+        Some((first, _)) if names_a_host(first) => None,
+        _ => Some(short),
+    }
+}
+
 impl Reference {
     /// Parses `s`; a reference naming no registry gets `default_registry`.
     pub fn parse(s: &str, default_registry: &str) -> Result<Reference, ReferenceError> {
@@ -114,9 +132,7 @@ impl Reference {
             }
         }
         let (registry, path) = match name.split_once('/') {
-            Some((first, path))
-                if first.contains('.') || first.contains(':') || first == "localhost" =>
-            {
+            Some((first, path)) if names_a_host(first) => {
                 if !valid_host(first) {
                     return Err(err("bad registry host"));
                 }
@@ -165,16 +181,15 @@ impl Reference {
         format!("{}/{}", self.registry, self.repository)
     }
 
-    /// The name docker shows: `ubuntu:latest`, `user/app:1`, `localhost:5000/x:y`.
+    /// The name docker shows: `ubuntu:latest`, `user/app:1`, `localhost:5000/x:y`. It parses back to
+    /// the same image: Docker Hub's prefixes are left out only where reading it again puts them back
+    /// (`library/a/b` keeps its `library/`, as `a/b` is `docker.io/a/b`; `docker.io/my.host/x` keeps
+    /// `docker.io/`, as `my.host/x` names another registry).
     pub fn familiar(&self) -> String {
-        let name = if self.registry == DOCKER_HUB {
-            self.repository
-                .strip_prefix("library/")
-                .unwrap_or(&self.repository)
-                .to_string()
-        } else {
-            self.name()
-        };
+        let short = (self.registry == DOCKER_HUB)
+            .then(|| hub_short(&self.repository))
+            .flatten();
+        let name = short.map_or_else(|| self.name(), str::to_string);
         match (&self.tag, &self.digest) {
             (Some(t), _) => format!("{name}:{t}"),
             (None, Some(d)) => format!("{name}@{d}"),
@@ -245,11 +260,27 @@ mod tests {
                 "quay.io/a-b/c__d.e:1",
                 "quay.io/a-b/c__d.e:1",
             ),
+            // Familiar forms that used to parse as another image (the first found by fuzzing).
+            (
+                "index.docker.io/ubuntex.docker.io/ubunu",
+                "docker.io/ubuntex.docker.io/ubunu:latest",
+                "docker.io/ubuntex.docker.io/ubunu:latest",
+            ),
+            (
+                "docker.io/library/a/b",
+                "docker.io/library/a/b:latest",
+                "library/a/b:latest",
+            ),
         ];
         for (input, canonical, familiar) in cases {
             let r = Reference::parse(input, DOCKER_HUB).unwrap();
             assert_eq!(r.to_string(), canonical, "{input}");
             assert_eq!(r.familiar(), familiar, "{input}");
+            assert_eq!(
+                Reference::parse(familiar, DOCKER_HUB).unwrap(),
+                r,
+                "{input}"
+            );
         }
         let r = Reference::parse(&format!("alpine@{d}"), DOCKER_HUB).unwrap();
         assert_eq!((r.tag.as_deref(), r.manifest_ref()), (None, d.clone()));
