@@ -10,6 +10,9 @@ pub const DOCKER_HUB: &str = "docker.io";
 const DOCKER_HUB_API: &str = "registry-1.docker.io";
 /// Longest reference accepted (distribution's NameTotalLengthMax is 255 for the name alone).
 const MAX_REFERENCE: usize = 512;
+/// Longest canonical name, registry and repository (`docker.io/library/x`): distribution's
+/// NameTotalLengthMax, which it checks on the name with Docker Hub's prefixes added.
+const MAX_NAME: usize = 255;
 
 /// A canonical image reference.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -144,7 +147,7 @@ impl Reference {
             "index.docker.io" | "registry-1.docker.io" => DOCKER_HUB.to_string(),
             _ => registry,
         };
-        if path.is_empty() || path.len() > 255 || !path.split('/').all(valid_component) {
+        if path.is_empty() || !path.split('/').all(valid_component) {
             return Err(err(
                 "bad repository name (lowercase letters, digits and separators . _ __ -)",
             ));
@@ -154,6 +157,9 @@ impl Reference {
         } else {
             path.to_string()
         };
+        if registry.len() + 1 + repository.len() > MAX_NAME {
+            return Err(err("name longer than 255 bytes"));
+        }
         let tag = match (tag, &digest) {
             (Some(t), _) => Some(t.to_string()),
             (None, None) => Some("latest".to_string()),
@@ -298,6 +304,8 @@ mod tests {
     fn bad_references() {
         let long_tag = format!("a:{}", "t".repeat(129));
         let long = "a/".repeat(300);
+        // Found by fuzzing: 250 bytes, but `docker.io/library/` makes the name 268.
+        let long_official = "b".repeat(250);
         for bad in [
             "",
             "Ubuntu",
@@ -317,6 +325,7 @@ mod tests {
             "/a",
             long_tag.as_str(),
             long.as_str(),
+            long_official.as_str(),
             "exa_mple.com/a",
         ] {
             assert!(Reference::parse(bad, DOCKER_HUB).is_err(), "{bad:?}");
