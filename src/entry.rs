@@ -14,7 +14,7 @@ pub const BLOCK: u64 = 512;
 /// Marker of an opaque directory (OCI image-spec, layer.md, "Opaque Whiteout").
 const OPAQUE: &[u8] = b".wh..wh..opq";
 /// Prefix of a whiteout file (OCI image-spec, layer.md, "Whiteouts").
-const WHITEOUT: &[u8] = b".wh.";
+pub(crate) const WHITEOUT: &[u8] = b".wh.";
 /// Name of the PAX extended header member; readers ignore it.
 const PAX_NAME: &[u8] = b"././@PaxHeader";
 /// The largest size an 11-digit octal ustar size field holds; writers put it there when the real

@@ -154,55 +154,123 @@ pub async fn resolve(
     let mut raw = source
         .manifest(reference, &reference.manifest_ref(), credentials)
         .await?;
-    let body: Value = serde_json::from_slice(&raw.bytes)
+    let chosen = choose_from_index(reference, &raw.bytes, &raw.media_type, platform)?;
+    let is_index = chosen.is_some();
+    if let Some(digest) = chosen {
+        raw = source.manifest(reference, &digest, credentials).await?;
+    }
+    let manifest = parse_image_manifest(reference, &raw.bytes, limits)?;
+    let mut stream = source
+        .blob(
+            reference,
+            &manifest.config_digest,
+            manifest.config_size,
+            credentials,
+        )
+        .await?;
+    let mut bytes = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| {
+            if e.kind() == std::io::ErrorKind::InvalidData {
+                invalid(reference, format!("config blob: {e}"))
+            } else {
+                RegistryError::Upstream(format!("{reference}: config blob: {e}"))
+            }
+        })?;
+        bytes.extend_from_slice(&chunk);
+    }
+    let (config, image_platform) = parse_config(reference, &bytes, manifest.layers.len())?;
+    if !is_index && !platform.matches(&image_platform) {
+        return Err(RegistryError::NotFound(format!(
+            "{reference}: image is {image_platform}, not {platform}"
+        )));
+    }
+    Ok(ResolvedImage {
+        reference: reference.clone(),
+        manifest_digest: raw.digest,
+        config_digest: manifest.config_digest,
+        config,
+        layers: manifest.layers,
+        platform: image_platform,
+    })
+}
+
+/// Reads what a manifest endpoint returned (registry bytes, untrusted): for an index or manifest list,
+/// the digest of its image manifest for `platform`; `None` when the bytes are no index (and should be
+/// an image manifest).
+pub fn choose_from_index(
+    reference: &Reference,
+    bytes: &[u8],
+    media_type: &str,
+    platform: &Platform,
+) -> Result<Option<String>, SourceError> {
+    let body: Value = serde_json::from_slice(bytes)
         .map_err(|e| invalid(reference, format!("manifest is not JSON: {e}")))?;
     if body.get("schemaVersion").and_then(Value::as_u64) == Some(1) {
         return Err(invalid(reference, "schema1 manifests are deprecated and not supported; push the image again with a current client"));
     }
-    let is_index = INDEX_TYPES.contains(&raw.media_type.as_str())
+    let is_index = INDEX_TYPES.contains(&media_type)
         || body
             .get("mediaType")
             .and_then(Value::as_str)
             .is_some_and(|m| INDEX_TYPES.contains(&m))
         || (body.get("manifests").is_some() && body.get("layers").is_none());
-    if is_index {
-        let index: ImageIndex = serde_json::from_slice(&raw.bytes)
-            .map_err(|e| invalid(reference, format!("bad index: {e}")))?;
-        let mut available = Vec::new();
-        let mut chosen = None;
-        for m in index.manifests() {
-            let attestation = m
-                .annotations()
-                .as_ref()
-                .and_then(|a| a.get("vnd.docker.reference.type"))
-                .is_some_and(|t| t == "attestation-manifest");
-            let Some(p) = m.platform() else { continue };
-            let p = Platform {
-                os: p.os().to_string(),
-                architecture: p.architecture().to_string(),
-                variant: p.variant().clone(),
-            };
-            if attestation || p.os == "unknown" {
-                continue;
-            }
-            if chosen.is_none() && platform.matches(&p) {
-                chosen = Some((m.digest().to_string(), m.size()));
-            }
-            available.push(p.to_string());
-        }
-        let Some((digest, _)) = chosen else {
-            return Err(RegistryError::NotFound(format!(
-                "{reference}: no image for platform {platform}; available: {}",
-                if available.is_empty() {
-                    "none".to_string()
-                } else {
-                    available.join(", ")
-                }
-            )));
-        };
-        raw = source.manifest(reference, &digest, credentials).await?;
+    if !is_index {
+        return Ok(None);
     }
-    let manifest: ImageManifest = serde_json::from_slice(&raw.bytes)
+    let index: ImageIndex =
+        serde_json::from_slice(bytes).map_err(|e| invalid(reference, format!("bad index: {e}")))?;
+    let mut available = Vec::new();
+    let mut chosen = None;
+    for m in index.manifests() {
+        let attestation = m
+            .annotations()
+            .as_ref()
+            .and_then(|a| a.get("vnd.docker.reference.type"))
+            .is_some_and(|t| t == "attestation-manifest");
+        let Some(p) = m.platform() else { continue };
+        let p = Platform {
+            os: p.os().to_string(),
+            architecture: p.architecture().to_string(),
+            variant: p.variant().clone(),
+        };
+        if attestation || p.os == "unknown" {
+            continue;
+        }
+        if chosen.is_none() && platform.matches(&p) {
+            chosen = Some(m.digest().to_string());
+        }
+        available.push(p.to_string());
+    }
+    match chosen {
+        Some(digest) => Ok(Some(digest)),
+        None => Err(RegistryError::NotFound(format!(
+            "{reference}: no image for platform {platform}; available: {}",
+            if available.is_empty() {
+                "none".to_string()
+            } else {
+                available.join(", ")
+            }
+        ))),
+    }
+}
+
+/// What an image manifest names: its layers, bottom first, and its config.
+#[derive(Debug, Clone)]
+pub struct ImageManifestParts {
+    pub layers: Vec<LayerDescriptor>,
+    pub config_digest: Digest,
+    pub config_size: u64,
+}
+
+/// Reads an image manifest (registry bytes, untrusted), within the layer count and config size of
+/// `limits`.
+pub fn parse_image_manifest(
+    reference: &Reference,
+    bytes: &[u8],
+    limits: &Limits,
+) -> Result<ImageManifestParts, SourceError> {
+    let manifest: ImageManifest = serde_json::from_slice(bytes)
         .map_err(|e| invalid(reference, format!("bad image manifest: {e}")))?;
     let count = manifest.layers().len() as u64;
     if count > limits.max_layers {
@@ -240,66 +308,43 @@ pub async fn resolve(
             "max-config-bytes",
         ));
     }
-    let mut stream = source
-        .blob(reference, &config_digest, config_size, credentials)
-        .await?;
-    let mut bytes = Vec::new();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| {
-            if e.kind() == std::io::ErrorKind::InvalidData {
-                invalid(reference, format!("config blob: {e}"))
-            } else {
-                RegistryError::Upstream(format!("{reference}: config blob: {e}"))
-            }
-        })?;
-        bytes.extend_from_slice(&chunk);
-    }
-    let config: Value = serde_json::from_slice(&bytes)
+    Ok(ImageManifestParts {
+        layers,
+        config_digest,
+        config_size,
+    })
+}
+
+/// Reads an image config (registry bytes, untrusted, already checked against their digest): a JSON
+/// object, with one diff_id per layer when it lists them. Returns it with the platform it declares.
+pub fn parse_config(
+    reference: &Reference,
+    bytes: &[u8],
+    layers: usize,
+) -> Result<(Value, Platform), SourceError> {
+    let config: Value = serde_json::from_slice(bytes)
         .map_err(|e| invalid(reference, format!("config is not JSON: {e}")))?;
     if !config.is_object() {
         return Err(invalid(reference, "config is not a JSON object"));
     }
     if let Some(diff_ids) = config.pointer("/rootfs/diff_ids").and_then(Value::as_array) {
-        if diff_ids.len() != layers.len() {
+        if diff_ids.len() != layers {
             return Err(invalid(
                 reference,
                 format!(
-                    "config lists {} diff_ids for {} layers",
-                    diff_ids.len(),
-                    layers.len()
+                    "config lists {} diff_ids for {layers} layers",
+                    diff_ids.len()
                 ),
             ));
         }
     }
-    let image_platform = Platform {
-        os: config
-            .get("os")
-            .and_then(Value::as_str)
-            .unwrap_or("linux")
-            .to_string(),
-        architecture: config
-            .get("architecture")
-            .and_then(Value::as_str)
-            .unwrap_or("amd64")
-            .to_string(),
-        variant: config
-            .get("variant")
-            .and_then(Value::as_str)
-            .map(str::to_string),
+    let field = |name: &str| config.get(name).and_then(Value::as_str);
+    let platform = Platform {
+        os: field("os").unwrap_or("linux").to_string(),
+        architecture: field("architecture").unwrap_or("amd64").to_string(),
+        variant: field("variant").map(str::to_string),
     };
-    if !is_index && !platform.matches(&image_platform) {
-        return Err(RegistryError::NotFound(format!(
-            "{reference}: image is {image_platform}, not {platform}"
-        )));
-    }
-    Ok(ResolvedImage {
-        reference: reference.clone(),
-        manifest_digest: raw.digest,
-        config_digest,
-        config,
-        layers,
-        platform: image_platform,
-    })
+    Ok((config, platform))
 }
 
 #[cfg(test)]

@@ -10,6 +10,9 @@ pub const DOCKER_HUB: &str = "docker.io";
 const DOCKER_HUB_API: &str = "registry-1.docker.io";
 /// Longest reference accepted (distribution's NameTotalLengthMax is 255 for the name alone).
 const MAX_REFERENCE: usize = 512;
+/// Longest canonical name, registry and repository (`docker.io/library/x`): distribution's
+/// NameTotalLengthMax, which it checks on the name with Docker Hub's prefixes added.
+const MAX_NAME: usize = 255;
 
 /// A canonical image reference.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,6 +92,24 @@ fn valid_host(h: &str) -> bool {
         })
 }
 
+/// Whether the first component of a name is a registry host rather than part of the repository
+/// (docker's rule: a dot, a port, or `localhost`).
+fn names_a_host(first: &str) -> bool {
+    first.contains('.') || first.contains(':') || first == "localhost"
+}
+
+/// A Docker Hub repository the way docker shows it, when that shorter form reads back as the same one.
+fn hub_short(repository: &str) -> Option<&str> {
+    let short = match repository.strip_prefix("library/") {
+        Some(official) if !official.contains('/') => official,
+        _ => repository,
+    };
+    match short.split_once('/') {
+        Some((first, _)) if names_a_host(first) => None,
+        _ => Some(short),
+    }
+}
+
 impl Reference {
     /// Parses `s`; a reference naming no registry gets `default_registry`.
     pub fn parse(s: &str, default_registry: &str) -> Result<Reference, ReferenceError> {
@@ -114,9 +135,7 @@ impl Reference {
             }
         }
         let (registry, path) = match name.split_once('/') {
-            Some((first, path))
-                if first.contains('.') || first.contains(':') || first == "localhost" =>
-            {
+            Some((first, path)) if names_a_host(first) => {
                 if !valid_host(first) {
                     return Err(err("bad registry host"));
                 }
@@ -128,7 +147,7 @@ impl Reference {
             "index.docker.io" | "registry-1.docker.io" => DOCKER_HUB.to_string(),
             _ => registry,
         };
-        if path.is_empty() || path.len() > 255 || !path.split('/').all(valid_component) {
+        if path.is_empty() || !path.split('/').all(valid_component) {
             return Err(err(
                 "bad repository name (lowercase letters, digits and separators . _ __ -)",
             ));
@@ -138,6 +157,9 @@ impl Reference {
         } else {
             path.to_string()
         };
+        if registry.len() + 1 + repository.len() > MAX_NAME {
+            return Err(err("name longer than 255 bytes"));
+        }
         let tag = match (tag, &digest) {
             (Some(t), _) => Some(t.to_string()),
             (None, None) => Some("latest".to_string()),
@@ -165,16 +187,15 @@ impl Reference {
         format!("{}/{}", self.registry, self.repository)
     }
 
-    /// The name docker shows: `ubuntu:latest`, `user/app:1`, `localhost:5000/x:y`.
+    /// The name docker shows: `ubuntu:latest`, `user/app:1`, `localhost:5000/x:y`. It parses back to
+    /// the same image: Docker Hub's prefixes are left out only where reading it again puts them back
+    /// (`library/a/b` keeps its `library/`, as `a/b` is `docker.io/a/b`; `docker.io/my.host/x` keeps
+    /// `docker.io/`, as `my.host/x` names another registry).
     pub fn familiar(&self) -> String {
-        let name = if self.registry == DOCKER_HUB {
-            self.repository
-                .strip_prefix("library/")
-                .unwrap_or(&self.repository)
-                .to_string()
-        } else {
-            self.name()
-        };
+        let short = (self.registry == DOCKER_HUB)
+            .then(|| hub_short(&self.repository))
+            .flatten();
+        let name = short.map_or_else(|| self.name(), str::to_string);
         match (&self.tag, &self.digest) {
             (Some(t), _) => format!("{name}:{t}"),
             (None, Some(d)) => format!("{name}@{d}"),
@@ -245,11 +266,27 @@ mod tests {
                 "quay.io/a-b/c__d.e:1",
                 "quay.io/a-b/c__d.e:1",
             ),
+            // Familiar forms that used to parse as another image (the first found by fuzzing).
+            (
+                "index.docker.io/ubuntex.docker.io/ubunu",
+                "docker.io/ubuntex.docker.io/ubunu:latest",
+                "docker.io/ubuntex.docker.io/ubunu:latest",
+            ),
+            (
+                "docker.io/library/a/b",
+                "docker.io/library/a/b:latest",
+                "library/a/b:latest",
+            ),
         ];
         for (input, canonical, familiar) in cases {
             let r = Reference::parse(input, DOCKER_HUB).unwrap();
             assert_eq!(r.to_string(), canonical, "{input}");
             assert_eq!(r.familiar(), familiar, "{input}");
+            assert_eq!(
+                Reference::parse(familiar, DOCKER_HUB).unwrap(),
+                r,
+                "{input}"
+            );
         }
         let r = Reference::parse(&format!("alpine@{d}"), DOCKER_HUB).unwrap();
         assert_eq!((r.tag.as_deref(), r.manifest_ref()), (None, d.clone()));
@@ -267,6 +304,8 @@ mod tests {
     fn bad_references() {
         let long_tag = format!("a:{}", "t".repeat(129));
         let long = "a/".repeat(300);
+        // Found by fuzzing: 250 bytes, but `docker.io/library/` makes the name 268.
+        let long_official = "b".repeat(250);
         for bad in [
             "",
             "Ubuntu",
@@ -286,6 +325,7 @@ mod tests {
             "/a",
             long_tag.as_str(),
             long.as_str(),
+            long_official.as_str(),
             "exa_mple.com/a",
         ] {
             assert!(Reference::parse(bad, DOCKER_HUB).is_err(), "{bad:?}");

@@ -345,6 +345,12 @@ impl Merger {
     /// held-back link found its target.
     pub fn finish(self, sink: &mut dyn Sink) -> Result<(), MergeError> {
         for dir in self.index.implied_dirs() {
+            // A directory named `.wh.<name>` only exists implicitly (any member of that name is a
+            // whiteout). Written out, it would be one to the loader, which would delete its sibling
+            // `<name>`; left out, the loader makes it as a parent, as the layer's extractor did.
+            if entry::split_parent(dir).1.starts_with(entry::WHITEOUT) {
+                continue;
+            }
             let meta = EntryMeta {
                 path: dir.to_vec(),
                 kind: Kind::Dir,

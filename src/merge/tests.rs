@@ -454,6 +454,22 @@ fn dangling_link_is_an_error() {
     ));
 }
 
+/// A directory named like a whiteout can only exist implicitly, as the parent of an entry; written out
+/// as an implied directory it would be a whiteout, and a loader would delete its sibling. Found by the
+/// merge fuzz target.
+#[test]
+fn implied_dirs_named_like_whiteouts_are_left_to_the_loader() {
+    check(&[
+        L::default().file("x", "lower"),
+        L::default()
+            .dir("a", 0o755)
+            .file("a/x", "kept")
+            .file("a/.wh.x/c", "c")
+            .file(".wh.x/d", "d")
+            .file("a/.wh..wh.plnk/e", "e"),
+    ]);
+}
+
 /// xorshift: deterministic, no dependency.
 struct Rng(u64);
 impl Rng {
