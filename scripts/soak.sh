@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Soak test (not in the default test run): CLIENTS concurrent clients squash images from a local
-# registry in a loop for SECONDS, half of them through cold sizing (the cache is wiped under them
+# Soak test (not in the default test run): CLIENTS concurrent clients squash images (and one request
+# in three fetch a signed ACI and its signature) from a local registry in a loop for SECONDS, half of them through cold sizing (the cache is wiped under them
 # every minute), a few hanging up mid-transfer on purpose. Every 10 s it records the server's RSS and
 # open file descriptors; at the end it prints them with the failure count (it must be 0: a transfer
 # that was not hung up on purpose must complete with the exact length) and exits non-zero on failures
@@ -26,8 +26,10 @@ for s in 16 64; do
   skopeo copy --quiet --preserve-digests --dest-tls-verify=false "oci:$work/img$s:bench" "docker://$registry/soak/img$s:v1"
 done
 
+target/release/strata keygen -o "$work/key.asc" 2>/dev/null
 start_strata "$work/strata.log" --insecure-registry "$registry" --cache-dir "$work/cache" \
-  --max-concurrent "$((clients * 2))"
+  --max-concurrent "$((clients * 2))" --default-registry "$registry" --public-name soak \
+  --signing-key "$work/key.asc"
 server=$server_pid
 
 end=$(( $(date +%s) + seconds ))
@@ -40,6 +42,14 @@ client() {
       # A client that hangs up after 200 ms.
       curl -sS -o /dev/null --max-time 0.2 "$url/squash/$registry/soak/$img:v1" 2>/dev/null || true
       echo hangup
+      continue
+    fi
+    if [ $(( (i + n) % 3 )) -eq 0 ]; then
+      # An ACI (no length ahead: curl's exit status says whether it ended well), then its signature,
+      # which must exist once the download has ended.
+      out=$(curl -sS -o /dev/null -w '%{http_code}' "$url/c1/aci/soak/soak/$img/v1/aci/linux/amd64/" 2>/dev/null) || { echo "fail aci curl $out"; continue; }
+      sig=$(curl -sS -o /dev/null -w '%{http_code}' "$url/c1/aci/soak/soak/$img/v1/aci.asc/linux/amd64/" 2>/dev/null) || true
+      if [ "$out" = 200 ] && [ "$sig" = 200 ]; then echo ok; else echo "fail aci $out signature $sig"; fi
       continue
     fi
     out=$(curl -sS -o /dev/null -w '%{http_code} %{size_download} %header{content-length}' "$url/squash/$registry/soak/$img:v1" 2>/dev/null) || { echo "fail curl $out"; continue; }
