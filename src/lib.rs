@@ -21,12 +21,15 @@
 //! - [`stats`]: what is in flight (live conversions, runtime tasks), for `GET /debug/stats`.
 //! - [`cli`]: command-line flags turned into a validated configuration.
 //! - [`sample`]: a generated sample image as an OCI layout, to try strata offline.
+//! - `fuzzing` (hidden): the fuzz targets' bodies, shared with their regression test.
 
 pub mod cli;
 pub mod convert;
 pub mod digest;
 pub mod entry;
 pub mod format;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod layer;
 pub mod limits;
 pub mod manifest;
