@@ -553,7 +553,7 @@ impl Converter {
 
 fn source_error(e: SourceError) -> Error {
     let message = e.to_string();
-    if matches!(e, SourceError::Limit { .. }) {
+    if matches!(e, SourceError::Limit { .. } | SourceError::Invalid(_)) {
         return Error::InvalidImage(message);
     }
     match e.status() {

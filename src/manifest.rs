@@ -170,13 +170,9 @@ pub async fn resolve(
         .await?;
     let mut bytes = Vec::new();
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| {
-            if e.kind() == std::io::ErrorKind::InvalidData {
-                invalid(reference, format!("config blob: {e}"))
-            } else {
-                RegistryError::Upstream(format!("{reference}: config blob: {e}"))
-            }
-        })?;
+        // Bytes that miss their digest are the registry's fault, as for layer blobs.
+        let chunk =
+            chunk.map_err(|e| RegistryError::Upstream(format!("{reference}: config blob: {e}")))?;
         bytes.extend_from_slice(&chunk);
     }
     let (config, image_platform) = parse_config(reference, &bytes, manifest.layers.len())?;

@@ -103,5 +103,12 @@ fn bad_manifests_and_configs_are_json_errors() {
             v["error"]["message"].as_str().unwrap().contains(fragment),
             "{name}: {v}"
         );
+        // Bytes that miss their digest are the registry's fault; the rest the image's.
+        let code = if stored_as.is_some() {
+            "UPSTREAM"
+        } else {
+            "INVALID_IMAGE"
+        };
+        assert_eq!(v["error"]["code"], code, "{name}: {v}");
     }
 }

@@ -62,6 +62,7 @@ pub enum RegistryError {
     NotFound(String),
     #[error("{0}")]
     Upstream(String),
+    /// A manifest, index or config that is not what the image format allows: the image's fault.
     #[error("{0}")]
     Invalid(String),
     /// The image goes past one of the configured limits: its fault, not the registry's.
@@ -374,7 +375,7 @@ impl Client {
         let expected = Digest::parse(tag_or_digest).ok().or(announced);
         if let Some(expected) = expected {
             if expected != digest {
-                return Err(RegistryError::Invalid(format!(
+                return Err(RegistryError::Upstream(format!(
                     "{url}: manifest digest is {digest}, expected {expected}"
                 )));
             }
