@@ -386,6 +386,23 @@ impl Ustar<'_> {
 }
 
 impl EntryMeta {
+    /// A member strata makes itself (archive metadata, an ACI's `rootfs`): owned by root, time 0.
+    pub fn synthetic(path: &[u8], kind: Kind, mode: u32, size: u64) -> EntryMeta {
+        EntryMeta {
+            path: path.to_vec(),
+            kind,
+            mode,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+            size,
+            link: Vec::new(),
+            dev_major: 0,
+            dev_minor: 0,
+            xattrs: Vec::new(),
+        }
+    }
+
     /// The header blocks (PAX member if needed, then the ustar header) of the canonical form.
     pub fn header_bytes(&self) -> Vec<u8> {
         let mut pax = Vec::new();

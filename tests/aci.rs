@@ -599,17 +599,7 @@ fn feature_rich_manifest() {
 #[test]
 fn appc_arch_picks_the_platform() {
     let Some(env) = env() else { return };
-    let mut amd = Image::new(vec![(
-        Layer::new().file("arch", 0o644, b"amd64"),
-        Comp::Gzip,
-    )]);
-    amd.arch = "amd64";
-    let mut arm = Image::new(vec![(
-        Layer::new().file("arch", 0o644, b"arm64"),
-        Comp::Gzip,
-    )]);
-    arm.arch = "arm64";
-    publish(&env, "aci-multiarch", vec![amd, arm]);
+    publish(&env, "aci-multiarch", images::multiarch());
     let s = aci_server(&env);
     for (arch, content) in [("amd64", "amd64"), ("aarch64", "arm64")] {
         let file = download(&aci_url(

@@ -181,31 +181,20 @@ fn compressions_match_docker_pull() {
     );
 }
 
-fn multiarch() -> Vec<Image> {
-    let mut amd = Image::new(vec![(
-        Layer::new().file("arch", 0o644, b"amd64"),
-        Comp::Gzip,
-    )]);
-    amd.arch = "amd64";
-    let mut arm = Image::new(vec![(
-        Layer::new().file("arch", 0o644, b"arm64"),
-        Comp::Gzip,
-    )]);
-    arm.arch = "arm64";
-    vec![amd, arm]
-}
-
 #[test]
 fn multiarch_picks_the_platform_and_404s_otherwise() {
     let Some(env) = env() else { return };
-    check_multiarch(&env, &publish(&env, "multiarch", multiarch()));
+    check_multiarch(&env, &publish(&env, "multiarch", images::multiarch()));
 }
 
 /// Docker's own manifest types: a schema 2 manifest list over schema 2 manifests.
 #[test]
 fn docker_schema2_manifests_and_lists_are_read() {
     let Some(env) = env() else { return };
-    check_multiarch(&env, &publish_as(&env, "v2s2-list", multiarch(), "v2s2"));
+    check_multiarch(
+        &env,
+        &publish_as(&env, "v2s2-list", images::multiarch(), "v2s2"),
+    );
     let r = publish_as(&env, "v2s2", images::basic(), "v2s2");
     check_against_oracle(&env, &r, "strata-test/v2s2:squashed");
 }

@@ -31,19 +31,7 @@ pub struct DockerArchive {
 }
 
 fn member(path: &str, size: u64) -> EntryMeta {
-    EntryMeta {
-        path: path.as_bytes().to_vec(),
-        kind: Kind::File,
-        mode: 0o644,
-        uid: 0,
-        gid: 0,
-        mtime: 0,
-        size,
-        link: Vec::new(),
-        dev_major: 0,
-        dev_minor: 0,
-        xattrs: Vec::new(),
-    }
+    EntryMeta::synthetic(path.as_bytes(), Kind::File, 0o644, size)
 }
 
 impl DockerArchive {

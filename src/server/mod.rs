@@ -321,13 +321,7 @@ async fn serve_aci(
     if req.method() == Method::HEAD {
         return Ok(builder.body(empty()).expect("valid response"));
     }
-    let body = prepared.body.map(move |chunk| {
-        let _held = &permit;
-        chunk.map(Frame::data)
-    });
-    Ok(builder
-        .body(BodyExt::boxed_unsync(StreamBody::new(body)))
-        .expect("valid response"))
+    Ok(streaming(builder, prepared.body, permit))
 }
 
 /// `.aci.asc`: the kept signature, or 202 while none exists. rkt asks for the signature first and, on
@@ -410,14 +404,23 @@ async fn squash(
     if req.method() == Method::HEAD {
         return Ok(builder.body(empty()).expect("valid response"));
     }
-    // The permit lives as long as the body: a finished or dropped body frees the slot.
-    let body = prepared.body.map(move |chunk| {
+    Ok(streaming(builder, prepared.body, permit))
+}
+
+/// A response streaming a conversion's bytes. The permit lives as long as the body: a finished or
+/// dropped body frees the slot.
+fn streaming(
+    builder: http::response::Builder,
+    body: crate::convert::ByteStream,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) -> Response<Body> {
+    let body = body.map(move |chunk| {
         let _held = &permit;
         chunk.map(Frame::data)
     });
-    Ok(builder
+    builder
         .body(BodyExt::boxed_unsync(StreamBody::new(body)))
-        .expect("valid response"))
+        .expect("valid response")
 }
 
 /// A file name for Content-Disposition: the image name with anything unusual replaced.

@@ -194,3 +194,18 @@ pub fn duplicates() -> Vec<Image> {
         .raw_name("./dir2dup", tar::EntryType::Regular, 0o644, b"two");
     vec![Image::new(vec![(lower, Comp::Gzip), (upper, Comp::Gzip)])]
 }
+
+/// One image for amd64 and one for arm64, each with a file saying which.
+pub fn multiarch() -> Vec<Image> {
+    let mut amd = Image::new(vec![(
+        Layer::new().file("arch", 0o644, b"amd64"),
+        Comp::Gzip,
+    )]);
+    amd.arch = "amd64";
+    let mut arm = Image::new(vec![(
+        Layer::new().file("arch", 0o644, b"arm64"),
+        Comp::Gzip,
+    )]);
+    arm.arch = "arm64";
+    vec![amd, arm]
+}

@@ -19,22 +19,6 @@ const ROOTFS: &[u8] = b"rootfs";
 /// Largest `/etc/passwd` or `/etc/group` kept to resolve the user; larger ones (none are) are ignored.
 const MAX_ACCOUNT_FILE: u64 = 4 << 20;
 
-fn member(path: &[u8], kind: Kind, mode: u32, size: u64) -> EntryMeta {
-    EntryMeta {
-        path: path.to_vec(),
-        kind,
-        mode,
-        uid: 0,
-        gid: 0,
-        mtime: 0,
-        size,
-        link: Vec::new(),
-        dev_major: 0,
-        dev_minor: 0,
-        xattrs: Vec::new(),
-    }
-}
-
 /// Writes the ACI around the merge.
 #[derive(Debug, Clone)]
 pub struct AciArchive {
@@ -48,7 +32,11 @@ impl AciArchive {
 
     /// The `rootfs` directory entry; the merged tree follows through [`RootfsSink`].
     pub fn write_head<W: Write + ?Sized>(&self, out: &mut W) -> io::Result<()> {
-        write_entry(out, &member(ROOTFS, Kind::Dir, 0o755, 0), &mut io::empty())
+        write_entry(
+            out,
+            &EntryMeta::synthetic(ROOTFS, Kind::Dir, 0o755, 0),
+            &mut io::empty(),
+        )
     }
 
     /// The manifest and the end of the archive.
@@ -62,7 +50,7 @@ impl AciArchive {
             .render(accounts.passwd.as_deref(), accounts.group.as_deref());
         write_entry(
             out,
-            &member(b"manifest", Kind::File, 0o644, manifest.len() as u64),
+            &EntryMeta::synthetic(b"manifest", Kind::File, 0o644, manifest.len() as u64),
             &mut &manifest[..],
         )?;
         write_end(out)
@@ -165,9 +153,12 @@ mod tests {
         aci.write_head(&mut out).unwrap();
         let mut sink = RootfsSink::new(TarSink(&mut out));
         let passwd = b"app:x:7:8::/:/bin/sh\n";
-        let mut file = member(b"etc/passwd", Kind::File, 0o644, passwd.len() as u64);
-        sink.entry(&member(b"etc", Kind::Dir, 0o755, 0), &mut io::empty())
-            .unwrap();
+        let mut file = EntryMeta::synthetic(b"etc/passwd", Kind::File, 0o644, passwd.len() as u64);
+        sink.entry(
+            &EntryMeta::synthetic(b"etc", Kind::Dir, 0o755, 0),
+            &mut io::empty(),
+        )
+        .unwrap();
         sink.entry(&file, &mut &passwd[..]).unwrap();
         file.path = b"bin/x".to_vec();
         file.kind = Kind::Hardlink;
