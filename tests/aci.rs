@@ -61,17 +61,7 @@ fn aci_url(server: &Server, repo: &str, tag: &str, ext: &str, arch: &str) -> Str
 /// Downloads with curl, failing on any error status; the file's path.
 fn download(url: &str) -> PathBuf {
     let file = scratch(&format!("aci-{}", rand_suffix())).join("image.aci");
-    let out = Command::new("curl")
-        .args(["-sS", "-f", "-o"])
-        .arg(&file)
-        .arg(url)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{url}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    download_to(url, &file);
     file
 }
 

@@ -14,22 +14,8 @@ use serde_json::Value;
 /// Fetches the squash of `reference` with curl into a file; returns its path.
 fn fetch(server: &Server, reference: &str, query: &str) -> PathBuf {
     let dir = scratch(&format!("out-{}", rand_suffix()));
-    let (file, headers) = (dir.join("image.tar"), dir.join("headers"));
-    let url = format!("{}/squash/{reference}{query}", server.url);
-    let out = Command::new("curl")
-        .args(["-sS", "-f", "-D"])
-        .arg(&headers)
-        .arg("-o")
-        .arg(&file)
-        .arg(&url)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{url}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let headers = std::fs::read_to_string(&headers).unwrap();
+    let file = dir.join("image.tar");
+    let headers = download_to(&format!("{}/squash/{reference}{query}", server.url), &file);
     let length: u64 = header_value(&headers, "content-length")
         .unwrap()
         .parse()

@@ -296,32 +296,21 @@ async fn serve_aci(
     if route.signature {
         return signature(state, request).await;
     }
-    let permit = state
-        .permits
-        .clone()
-        .try_acquire_owned()
-        .map_err(|_| Error::Overloaded)?;
+    let permit = slot(state)?;
     let prepared = state.converter.prepare_aci(request).await?;
-    let etag = format!("\"{}\"", prepared.etag);
-    let mut builder = Response::builder()
-        .header(header::CONTENT_TYPE, "application/x-tar")
-        .header(header::ETAG, &etag)
-        .header(
-            header::CONTENT_DISPOSITION,
-            format!(
-                "attachment; filename=\"{}-{}.aci\"",
-                file_name(&prepared.name),
-                file_name(&route.tag)
-            ),
-        );
-    if not_modified(req, &etag) {
-        builder = builder.status(StatusCode::NOT_MODIFIED);
-        return Ok(builder.body(empty()).expect("valid response"));
-    }
-    if req.method() == Method::HEAD {
-        return Ok(builder.body(empty()).expect("valid response"));
-    }
-    Ok(streaming(builder, prepared.body, permit))
+    let file = format!(
+        "{}-{}.aci",
+        file_name(&prepared.name),
+        file_name(&route.tag)
+    );
+    Ok(tar_response(
+        req,
+        &prepared.etag,
+        &file,
+        None,
+        prepared.body,
+        permit,
+    ))
 }
 
 /// `.aci.asc`: the kept signature, or 202 while none exists. rkt asks for the signature first and, on
@@ -335,7 +324,7 @@ async fn signature(state: &Arc<State>, request: AciRequest) -> Result<Response<B
         )),
         Some(AciSignature::Ready(sig)) => Ok(text("application/pgp-signature", sig)),
         Some(AciSignature::Pending { key }) => {
-            if let Ok(permit) = state.permits.clone().try_acquire_owned() {
+            if let Ok(permit) = slot(state) {
                 let converter = state.converter.clone();
                 let in_flight = converter.signature_in_flight(&key);
                 tokio::spawn(async move {
@@ -373,11 +362,7 @@ async fn squash(
     };
     let reference = state.converter.parse_reference(reference)?;
     let credentials = credentials(req);
-    let permit = state
-        .permits
-        .clone()
-        .try_acquire_owned()
-        .map_err(|_| Error::Overloaded)?;
+    let permit = slot(state)?;
     let name = reference.familiar();
     let prepared = state
         .converter
@@ -388,32 +373,56 @@ async fn squash(
             credentials,
         })
         .await?;
-    let etag = format!("\"{}\"", prepared.etag);
+    Ok(tar_response(
+        req,
+        &prepared.etag,
+        &format!("{}.tar", file_name(&name)),
+        Some(prepared.content_length),
+        prepared.body,
+        permit,
+    ))
+}
+
+/// One of the `--max-concurrent` conversion slots, or 503.
+fn slot(state: &State) -> Result<tokio::sync::OwnedSemaphorePermit, Error> {
+    state
+        .permits
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| Error::Overloaded)
+}
+
+/// The response of a conversion (squash or ACI): its validator, a download name, the length when
+/// known ahead; 304 and HEAD without a body; else the bytes as they stream. The permit lives as long
+/// as the body: a finished or dropped body frees the slot.
+fn tar_response(
+    req: &Request<Incoming>,
+    etag: &str,
+    download_name: &str,
+    content_length: Option<u64>,
+    body: crate::convert::ByteStream,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) -> Response<Body> {
+    let etag = format!("\"{etag}\"");
     let mut builder = Response::builder()
         .header(header::CONTENT_TYPE, "application/x-tar")
         .header(header::ETAG, &etag)
         .header(
             header::CONTENT_DISPOSITION,
-            format!("attachment; filename=\"{}.tar\"", file_name(&name)),
+            format!("attachment; filename=\"{download_name}\""),
         );
     if not_modified(req, &etag) {
-        builder = builder.status(StatusCode::NOT_MODIFIED);
-        return Ok(builder.body(empty()).expect("valid response"));
+        return builder
+            .status(StatusCode::NOT_MODIFIED)
+            .body(empty())
+            .expect("valid response");
     }
-    builder = builder.header(header::CONTENT_LENGTH, prepared.content_length);
+    if let Some(length) = content_length {
+        builder = builder.header(header::CONTENT_LENGTH, length);
+    }
     if req.method() == Method::HEAD {
-        return Ok(builder.body(empty()).expect("valid response"));
+        return builder.body(empty()).expect("valid response");
     }
-    Ok(streaming(builder, prepared.body, permit))
-}
-
-/// A response streaming a conversion's bytes. The permit lives as long as the body: a finished or
-/// dropped body frees the slot.
-fn streaming(
-    builder: http::response::Builder,
-    body: crate::convert::ByteStream,
-    permit: tokio::sync::OwnedSemaphorePermit,
-) -> Response<Body> {
     let body = body.map(move |chunk| {
         let _held = &permit;
         chunk.map(Frame::data)

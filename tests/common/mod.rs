@@ -409,6 +409,26 @@ pub fn shared_server(registry: &str) -> &'static Server {
     SERVER.get_or_init(|| Server::start(registry, &[]))
 }
 
+/// Downloads `url` into `file` with curl, failing the test on an error status or a failed transfer;
+/// returns the response headers.
+pub fn download_to(url: &str, file: &Path) -> String {
+    let headers = file.with_extension("headers");
+    let out = Command::new("curl")
+        .args(["-sS", "-f", "-D"])
+        .arg(&headers)
+        .arg("-o")
+        .arg(file)
+        .arg(url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{url}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::read_to_string(&headers).unwrap()
+}
+
 /// GET with curl: (status, headers, body). `curl` is what users run.
 pub fn curl(args: &[&str]) -> (u16, String, Vec<u8>) {
     let dir = scratch(&format!("curl-{}", rand_suffix()));
