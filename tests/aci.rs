@@ -190,25 +190,25 @@ fn published(env: &Env, name: &'static str) -> String {
 
 #[test]
 fn basic_aci_matches_docker_pull() {
-    let Some(env) = env() else { return };
+    let env = env();
     check_against_docker_pull(&env, "basic");
 }
 
 #[test]
 fn whiteouts_aci_matches_docker_pull() {
-    let Some(env) = env() else { return };
+    let env = env();
     check_against_docker_pull(&env, "whiteouts");
 }
 
 #[test]
 fn hardlinks_aci_matches_docker_pull() {
-    let Some(env) = env() else { return };
+    let env = env();
     check_against_docker_pull(&env, "hardlinks");
 }
 
 #[test]
 fn special_aci_matches_docker_pull() {
-    let Some(env) = env() else { return };
+    let env = env();
     let file = check_against_docker_pull(&env, "special");
     let listing = listing_under(std::fs::File::open(&file).unwrap(), "rootfs/");
     assert!(
@@ -220,7 +220,7 @@ fn special_aci_matches_docker_pull() {
 
 #[test]
 fn busybox_aci_matches_docker_pull() {
-    let Some(env) = env() else { return };
+    let env = env();
     let file = check_against_docker_pull(&env, "busybox");
     let app = &manifest_of(&file)["app"];
     assert_eq!(app["exec"], json!(["/bin/sh", "-c", "cat /etc/greeting"]));
@@ -230,7 +230,7 @@ fn busybox_aci_matches_docker_pull() {
 /// zstd and uncompressed layers: the oracle is the all-gzip twin (Docker 20.10 pulls no zstd).
 #[test]
 fn compression_aci_matches_docker_pull() {
-    let Some(env) = env() else { return };
+    let env = env();
     published(&env, "compression");
     let twin = published(&env, "compression-gzip");
     check_against_twin(&env, "compression", &twin);
@@ -239,7 +239,7 @@ fn compression_aci_matches_docker_pull() {
 /// Docker schema 2 manifests, not only OCI ones.
 #[test]
 fn v2s2_aci_matches_docker_pull() {
-    let Some(env) = env() else { return };
+    let env = env();
     let r = publish_as(&env, "aci-v2s2", images::basic(), "v2s2");
     check_against_twin(&env, "aci-v2s2", &r);
 }
@@ -247,7 +247,7 @@ fn v2s2_aci_matches_docker_pull() {
 /// Paths a layer holds twice: one entry each in `rootfs/`, the last occurrence's.
 #[test]
 fn duplicates_aci_keeps_the_last_occurrence() {
-    let Some(env) = env() else { return };
+    let env = env();
     published(&env, "duplicates");
     let s = aci_server(&env);
     let file = download(&aci_url(
@@ -313,7 +313,7 @@ fn sqv_verifies(public_key: &Path, signature: &Path, data: &Path) -> bool {
 /// bytes as downloaded; the public key as `/aci-signing-key` serves it.
 #[test]
 fn signature_flow_as_rkt_does_it() {
-    let Some(env) = env() else { return };
+    let env = env();
     // An image of its own, so no other test has made its signature yet.
     publish(
         &env,
@@ -389,7 +389,7 @@ fn signature_flow_as_rkt_does_it() {
 /// instance behind the same load balancer).
 #[test]
 fn a_pending_signature_is_made_in_the_background() {
-    let Some(env) = env() else { return };
+    let env = env();
     publish(
         &env,
         "aci-background",
@@ -437,7 +437,7 @@ fn a_pending_signature_is_made_in_the_background() {
 /// signature and the key, and those URLs serve them.
 #[test]
 fn actool_discovers_the_endpoints() {
-    let Some(env) = env() else { return };
+    let env = env();
     published(&env, "basic");
     let s = aci_server(&env);
     let port = s.server.url.rsplit(':').next().unwrap();
@@ -490,7 +490,7 @@ fn actool_discovers_the_endpoints() {
 /// The manifest of an image using every config field appc can express.
 #[test]
 fn feature_rich_manifest() {
-    let Some(env) = env() else { return };
+    let env = env();
     let lower = Layer::new()
         .dir("etc", 0o755)
         .file("etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\n")
@@ -588,7 +588,7 @@ fn feature_rich_manifest() {
 /// appc spellings pick the platform of a multi-arch image, and the labels say it back.
 #[test]
 fn appc_arch_picks_the_platform() {
-    let Some(env) = env() else { return };
+    let env = env();
     publish(&env, "aci-multiarch", images::multiarch());
     let s = aci_server(&env);
     for (arch, content) in [("amd64", "amd64"), ("aarch64", "arm64")] {
@@ -611,7 +611,7 @@ fn appc_arch_picks_the_platform() {
 
 #[test]
 fn errors_before_the_first_byte_are_json() {
-    let Some(env) = env() else { return };
+    let env = env();
     let mut bad_env = Image::new(vec![(Layer::new().file("x", 0o644, b"x"), Comp::Gzip)]);
     bad_env.config = json!({"Cmd": ["/x"], "Env": ["1BAD=x"]});
     publish(&env, "aci-bad-env", vec![bad_env]);
@@ -671,7 +671,7 @@ fn errors_before_the_first_byte_are_json() {
 /// `strata aci` writes the bytes the server sends for the same name and tag.
 #[test]
 fn cli_and_http_bytes_are_identical() {
-    let Some(env) = env() else { return };
+    let env = env();
     published(&env, "basic");
     let s = aci_server(&env);
     let http = download(&aci_url(&s.server, "fixtures/basic", "v1", "aci", "amd64"));
@@ -697,7 +697,7 @@ fn cli_and_http_bytes_are_identical() {
 /// is no valid ACI, no signature is kept for bytes never sent whole, and the next request is whole.
 #[test]
 fn a_registry_failing_mid_aci_aborts_and_signs_nothing() {
-    let Some(env) = env() else { return };
+    let env = env();
     let keys = aci_server(&env);
     let proxy = Proxy::start(&env.registry);
     let server = Server::start(

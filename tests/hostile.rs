@@ -17,7 +17,7 @@ fn base() -> (Layer, Comp) {
 
 #[test]
 fn hostile_layers_are_refused_before_the_first_byte() {
-    let Some(env) = env() else { return };
+    let env = env();
     let server = shared_server(&env.registry);
     let cases: Vec<(&str, Layer, &str)> = vec![
         (
@@ -92,7 +92,7 @@ fn hostile_layers_are_refused_before_the_first_byte() {
 /// layer-count limits are met before any layer is fetched; the others while sizing.
 #[test]
 fn limits_refuse_images_past_them() {
-    let Some(env) = env() else { return };
+    let env = env();
     let many = (0..20).fold(Layer::new(), |l, i| l.file(&format!("f{i}"), 0o644, b"x"));
     let big_xattr = vec![b'v'; 2 << 20];
     let cases: Vec<(&str, Layer, &[&str], &str)> = vec![

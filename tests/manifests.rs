@@ -56,7 +56,7 @@ fn layout(
 
 #[test]
 fn bad_manifests_and_configs_are_json_errors() {
-    let Some(_env) = env() else { return };
+    let _env = env();
     let good_config = br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":["sha256:00"]}}"#;
     let two_diff_ids = br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":["sha256:00","sha256:11"]}}"#;
     let oci = r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":CONFIG,"layers":[LAYER]}"#;

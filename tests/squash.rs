@@ -65,14 +65,14 @@ fn check_against_twin(server: &Server, reference: &str, twin: &str, tag: &str) -
 
 #[test]
 fn basic_matches_docker_pull() {
-    let Some(env) = env() else { return };
+    let env = env();
     let r = publish(&env, "basic", images::basic());
     check_against_oracle(&env, &r, "strata-test/basic:squashed");
 }
 
 #[test]
 fn whiteouts_match_docker_pull() {
-    let Some(env) = env() else { return };
+    let env = env();
     let r = publish(&env, "whiteouts", images::whiteouts());
     check_against_oracle(&env, &r, "strata-test/whiteouts:squashed");
 }
@@ -82,7 +82,7 @@ fn whiteouts_match_docker_pull() {
 /// winning, and so must strata, writing each path once.
 #[test]
 fn duplicate_paths_keep_the_last_occurrence() {
-    let Some(env) = env() else { return };
+    let env = env();
     let r = publish(&env, "duplicates", images::duplicates());
     let server = shared_server(&env.registry);
     let tag = "strata-test/duplicates:squashed";
@@ -103,14 +103,14 @@ fn duplicate_paths_keep_the_last_occurrence() {
 
 #[test]
 fn hardlinks_match_docker_pull() {
-    let Some(env) = env() else { return };
+    let env = env();
     let r = publish(&env, "hardlinks", images::hardlinks());
     check_against_oracle(&env, &r, "strata-test/hardlinks:squashed");
 }
 
 #[test]
 fn special_entries_match_docker_pull_and_load_everywhere() {
-    let Some(env) = env() else { return };
+    let env = env();
     let r = publish(&env, "special", images::special());
     let file = check_against_oracle(&env, &r, "strata-test/special:squashed");
     other_loaders(&env, &file);
@@ -156,7 +156,7 @@ fn other_loaders(env: &Env, file: &std::path::Path) {
 /// the gzip twin: same uncompressed layers, hence the same file system and diff_ids.
 #[test]
 fn compressions_match_docker_pull() {
-    let Some(env) = env() else { return };
+    let env = env();
     let r = publish(&env, "compression", images::compression(false));
     let twin = publish(&env, "compression-gzip", images::compression(true));
     check_against_twin(
@@ -169,14 +169,14 @@ fn compressions_match_docker_pull() {
 
 #[test]
 fn multiarch_picks_the_platform_and_404s_otherwise() {
-    let Some(env) = env() else { return };
+    let env = env();
     check_multiarch(&env, &publish(&env, "multiarch", images::multiarch()));
 }
 
 /// Docker's own manifest types: a schema 2 manifest list over schema 2 manifests.
 #[test]
 fn docker_schema2_manifests_and_lists_are_read() {
-    let Some(env) = env() else { return };
+    let env = env();
     check_multiarch(
         &env,
         &publish_as(&env, "v2s2-list", images::multiarch(), "v2s2"),
@@ -227,7 +227,7 @@ fn check_multiarch(env: &Env, r: &str) {
 
 #[test]
 fn busybox_image_runs() {
-    let Some(env) = env() else { return };
+    let env = env();
     let r = publish(&env, "busybox", vec![images::busybox()]);
     check_against_oracle(&env, &r, "strata-test/busybox:squashed");
     let out = run(docker().args([
@@ -256,7 +256,7 @@ fn busybox_image_runs() {
 
 #[test]
 fn cli_and_http_bytes_are_identical_and_reproducible() {
-    let Some(env) = env() else { return };
+    let env = env();
     let r = publish(&env, "repro", images::basic());
     let server = shared_server(&env.registry);
     let http = std::fs::read(fetch(server, &r, "")).unwrap();
@@ -310,7 +310,7 @@ fn cli_and_http_bytes_are_identical_and_reproducible() {
 
 #[test]
 fn errors_before_the_first_byte_are_json() {
-    let Some(env) = env() else { return };
+    let env = env();
     publish(&env, "errs", images::basic());
     let server = shared_server(&env.registry);
     let cases = [
@@ -351,7 +351,7 @@ fn errors_before_the_first_byte_are_json() {
 /// layer must come through whole all the same, with memory flat.
 #[test]
 fn a_layer_over_4_gib_matches_docker_pull() {
-    let Some(env) = env() else { return };
+    let env = env();
     let size = (4u64 << 30) + (1 << 20) + 123;
     let image = Image::new(vec![
         (

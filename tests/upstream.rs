@@ -17,7 +17,7 @@ fn image(env: &Env, name: &str) -> String {
 
 #[test]
 fn a_busy_registry_is_asked_again() {
-    let Some(env) = env() else { return };
+    let env = env();
     let proxy = Proxy::start(&env.registry);
     let server = Server::start(&proxy.addr, &[]);
     let blob = image(&env, "busy");
@@ -39,7 +39,7 @@ fn a_busy_registry_is_asked_again() {
 
 #[test]
 fn a_registry_that_keeps_failing_is_a_json_502() {
-    let Some(env) = env() else { return };
+    let env = env();
     let proxy = Proxy::start(&env.registry);
     let server = Server::start(&proxy.addr, &[]);
     let blob = image(&env, "always-503");
@@ -59,7 +59,7 @@ fn a_registry_that_keeps_failing_is_a_json_502() {
 
 #[test]
 fn an_unreachable_registry_is_a_json_502() {
-    let Some(_env) = env() else { return };
+    let _env = env();
     // A port nothing listens on.
     let port = free_port();
     let dead = format!("127.0.0.1:{port}");
@@ -76,7 +76,7 @@ fn an_unreachable_registry_is_a_json_502() {
 
 #[test]
 fn a_blob_redirect_to_a_dead_host_is_a_json_502() {
-    let Some(env) = env() else { return };
+    let env = env();
     let proxy = Proxy::start(&env.registry);
     let server = Server::start(&proxy.addr, &[]);
     let blob = image(&env, "redirect-dead");
@@ -96,7 +96,7 @@ fn a_blob_redirect_to_a_dead_host_is_a_json_502() {
 /// JSON 401.
 #[test]
 fn a_failing_token_endpoint_is_a_json_error() {
-    let Some(env) = env() else { return };
+    let env = env();
     image(&env, "token");
     let port = free_port();
     for (realm_fault, want) in [
@@ -140,7 +140,7 @@ fn a_failing_token_endpoint_is_a_json_error() {
 /// fails — a JSON 502 while sizing, an aborted response after the first byte — instead of hanging.
 #[test]
 fn a_blob_that_stalls_midway_times_out() {
-    let Some(env) = env() else { return };
+    let env = env();
     let proxy = Proxy::start(&env.registry);
     let server = Server::start(&proxy.addr, &["--upstream-idle-timeout", "1"]);
     let name = "stall";

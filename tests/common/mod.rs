@@ -15,32 +15,27 @@ use std::sync::OnceLock;
 
 use sha2::{Digest, Sha256};
 
-/// The services, from the environment `scripts/test.sh` sets. With CI=true a missing service fails the
-/// test; elsewhere the test is skipped with a loud message.
+/// The services, from the environment `scripts/test.sh` sets. Without them a test fails rather than
+/// passing without having run: `cargo test` alone is not how the integration tests are run.
 pub struct Env {
     pub registry: String,
     pub containerd: Option<String>,
     pub work: PathBuf,
 }
 
-pub fn env() -> Option<Env> {
-    match std::env::var("STRATA_TEST_REGISTRY") {
-        Ok(registry) => Some(Env {
-            registry,
-            containerd: std::env::var("STRATA_TEST_CONTAINERD").ok(),
-            work: std::env::var("STRATA_TEST_WORK")
-                .map(PathBuf::from)
-                .unwrap_or_else(|_| std::env::temp_dir()),
-        }),
-        Err(_) if std::env::var("CI").is_ok_and(|v| v == "true") => {
-            panic!("STRATA_TEST_REGISTRY is not set: run the tests with scripts/test.sh")
-        }
-        Err(_) => {
-            eprintln!(
-                "SKIPPED: no test services (STRATA_TEST_REGISTRY unset); run scripts/test.sh"
-            );
-            None
-        }
+pub fn env() -> Env {
+    let Ok(registry) = std::env::var("STRATA_TEST_REGISTRY") else {
+        panic!(
+            "no test services (STRATA_TEST_REGISTRY is unset): run the integration tests with \
+             scripts/test.sh, which starts the registry, dockerd and containerd they need"
+        )
+    };
+    Env {
+        registry,
+        containerd: std::env::var("STRATA_TEST_CONTAINERD").ok(),
+        work: std::env::var("STRATA_TEST_WORK")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| std::env::temp_dir()),
     }
 }
 
@@ -62,7 +57,7 @@ pub fn docker() -> Command {
 
 /// A fresh scratch directory under the test work dir.
 pub fn scratch(name: &str) -> PathBuf {
-    let base = env().map(|e| e.work).unwrap_or_else(std::env::temp_dir);
+    let base = env().work;
     let dir = base.join(format!("t-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
