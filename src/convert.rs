@@ -33,6 +33,7 @@ use crate::sign::{InFlight, Signatures, Signer};
 use crate::source::{cancellable, read_ahead, BlobStream, Source, SourceError, TransferError};
 use crate::stats::{Alive, Conversions};
 use crate::summary::{self, Store};
+use crate::version;
 
 /// What a caller asks for.
 #[derive(Debug, Clone)]
@@ -162,6 +163,22 @@ pub struct ConverterConfig {
     pub signer: Option<Arc<Signer>>,
 }
 
+impl Default for ConverterConfig {
+    /// Docker Hub, no cache, no signing key, default limits.
+    fn default() -> Self {
+        ConverterConfig {
+            default_registry: "docker.io".into(),
+            insecure_registries: Vec::new(),
+            allowed_registries: Vec::new(),
+            cache_dir: None,
+            oci_layout: None,
+            limits: Limits::default(),
+            upstream_idle_timeout: registry::DEFAULT_IDLE_TIMEOUT,
+            signer: None,
+        }
+    }
+}
+
 /// Output bytes buffered per chunk sent to the body: large enough to amortise the channel, small
 /// enough that the chunks in flight stay a few MiB.
 const CHUNK: usize = 256 * 1024;
@@ -170,10 +187,6 @@ const CHUNK: usize = 256 * 1024;
 const CHANNEL_DEPTH: usize = 8;
 /// Read buffer in front of each layer's decompressor.
 const READ_BUF: usize = 256 * 1024;
-/// Bump when the output bytes change for the same input, so ETags and layer ids change with them.
-const OUTPUT_VERSION: &str = "strata-squash-v1";
-/// The same for ACIs (and the signatures kept for them).
-const ACI_VERSION: &str = "strata-aci-v1";
 /// How long a signature request waits for a conversion of the same bytes that is under way.
 const SIGNATURE_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
 
@@ -258,7 +271,8 @@ impl Converter {
         let layer_size = layer_size.expect("sized when asked");
 
         let id = hex::encode(Sha256::digest(format!(
-            "{OUTPUT_VERSION}\n{}",
+            "{}\nsquash\n{}",
+            version::OUTPUT,
             image.manifest_digest
         )));
         let repo_tag = match tag {
@@ -405,8 +419,13 @@ impl Converter {
             config_digest: image.config_digest.to_string(),
         };
         let etag = hex::encode(Sha256::digest(format!(
-            "{ACI_VERSION}\n{}\n{}\n{}\n{}\n{}",
-            identity.manifest_digest, identity.name, identity.version, identity.os, identity.arch
+            "{}\naci\n{}\n{}\n{}\n{}\n{}",
+            version::OUTPUT,
+            identity.manifest_digest,
+            identity.name,
+            identity.version,
+            identity.os,
+            identity.arch
         )));
         Ok((identity, etag))
     }

@@ -19,6 +19,7 @@
 //! - [`convert`]: one conversion from request to byte stream, the sync/async boundary.
 //! - [`server`]: the HTTP front: routes, errors as JSON, streaming bodies.
 //! - [`stats`]: what is in flight (live conversions, runtime tasks), for `GET /debug/stats`.
+//! - [`version`]: the output version, part of every key of derived bytes and remembered state.
 //! - [`cli`]: command-line flags turned into a validated configuration.
 //! - [`sample`]: a generated sample image as an OCI layout, to try strata offline.
 //! - `fuzzing` (hidden): the fuzz targets' bodies, shared with their regression test.
@@ -43,3 +44,4 @@ pub mod sign;
 pub mod source;
 pub mod stats;
 pub mod summary;
+pub mod version;

@@ -13,9 +13,19 @@ use sha2::{Digest as _, Sha256};
 
 use crate::entry::{self, EntryMeta, Item, Kind};
 use crate::merge::{CountingSink, LayerHints, MergeError, Merger};
+use crate::version;
 
-/// Changes whenever parsing or the canonical form changes, so older files are ignored, not misread.
+/// The encoding's own version; the output version follows it in every file, so a summary read by code
+/// that would read the layer differently is ignored, not trusted.
 const FORMAT: &[u8] = b"strata-summary-v1\n";
+
+/// What every remembered file starts with.
+fn header() -> Vec<u8> {
+    let mut h = FORMAT.to_vec();
+    h.extend_from_slice(version::OUTPUT.as_bytes());
+    h.push(b'\n');
+    h
+}
 
 /// Reads a whole layer tar (decompressed) into its summary, to its very end.
 pub fn scan<R: Read>(tar: R) -> Result<Vec<Item>, MergeError> {
@@ -64,7 +74,7 @@ fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
 
 /// Serialises a summary: compact, versioned, with a trailing checksum so a damaged file is not trusted.
 pub fn encode(items: &[Item]) -> Vec<u8> {
-    let mut out = FORMAT.to_vec();
+    let mut out = header();
     put_uint(&mut out, items.len() as u64);
     for item in items {
         match item {
@@ -139,7 +149,7 @@ impl Cursor<'_> {
 
 /// Reads back [`encode`]'s output; `None` for anything damaged or from another format version.
 pub fn decode(data: &[u8]) -> Option<Vec<Item>> {
-    let body = data.strip_prefix(FORMAT)?;
+    let body = data.strip_prefix(&header()[..])?;
     let (body, sum) = body.split_at(body.len().checked_sub(32)?);
     if Sha256::digest(&data[..data.len() - 32])[..] != *sum {
         return None;
@@ -209,17 +219,16 @@ impl Store {
     }
 
     /// Remembered exact merged-layer size for an image manifest.
+    /// Made by this output version only: another version's merge may size the same image otherwise.
     pub fn load_size(&self, manifest_hex: &str) -> Option<u64> {
-        std::fs::read_to_string(self.file("sizes", manifest_hex)?)
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
+        let text = std::fs::read_to_string(self.file("sizes", manifest_hex)?).ok()?;
+        let (made_by, size) = text.trim().split_once(' ')?;
+        (made_by == version::OUTPUT).then(|| size.parse().ok())?
     }
 
     pub fn save_size(&self, manifest_hex: &str, size: u64) {
         if let Some(path) = self.file("sizes", manifest_hex) {
-            write_atomic(&path, format!("{size}\n").as_bytes());
+            write_atomic(&path, format!("{} {size}\n", version::OUTPUT).as_bytes());
         }
     }
 
@@ -282,5 +291,30 @@ mod tests {
         bad[mid] ^= 1;
         assert!(decode(&bad).is_none());
         assert!(decode(&data[..data.len() - 1]).is_none());
+    }
+
+    #[test]
+    fn state_of_another_output_version_is_not_trusted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(Some(dir.path().to_path_buf()));
+        store.save_size("m", 4096);
+        assert_eq!(store.load_size("m"), Some(4096));
+        for older in ["4096\n", "strata-output-v1 4096\n"] {
+            std::fs::write(dir.path().join("sizes/m"), older).unwrap();
+            assert_eq!(store.load_size("m"), None, "{older:?}");
+        }
+
+        let items = vec![Item::Whiteout(b"a".to_vec())];
+        store.save_summary("b", &items);
+        assert_eq!(store.load_summary("b"), Some(items.clone()));
+        // The same summary as another output version would have written it, checksum intact.
+        let mut other = FORMAT.to_vec();
+        other.extend_from_slice(b"strata-output-v1\n");
+        let body = &encode(&items)[header().len()..encode(&items).len() - 32];
+        other.extend_from_slice(body);
+        let sum = Sha256::digest(&other);
+        other.extend_from_slice(&sum);
+        std::fs::write(dir.path().join("summaries/b"), &other).unwrap();
+        assert_eq!(store.load_summary("b"), None);
     }
 }

@@ -258,12 +258,14 @@ fn a_merged_layer_outgrowing_its_announced_size_aborts_and_the_next_request_succ
         .map(|e| e.unwrap().path())
         .collect();
     assert_eq!(sizes.len(), 1, "{sizes:?}");
-    let real: u64 = std::fs::read_to_string(&sizes[0])
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    std::fs::write(&sizes[0], format!("{}\n", real - 4096)).unwrap();
+    // `<output version> <size>`: keep the version, so the wrong size is trusted.
+    let remembered = |path: &std::path::Path| -> (String, u64) {
+        let text = std::fs::read_to_string(path).unwrap();
+        let (version, size) = text.trim().split_once(' ').unwrap();
+        (version.to_string(), size.parse().unwrap())
+    };
+    let (version, real) = remembered(&sizes[0]);
+    std::fs::write(&sizes[0], format!("{version} {}\n", real - 4096)).unwrap();
 
     let url = format!("{}/squash/{r}", server.url);
     let dir = scratch("size-exceeded");
@@ -275,12 +277,7 @@ fn a_merged_layer_outgrowing_its_announced_size_aborts_and_the_next_request_succ
 
     // The wrong size is forgotten: the next request is sized afresh and whole.
     assert!(body_of(&server, &r) == whole, "the next request is whole");
-    let remembered: u64 = std::fs::read_to_string(&sizes[0])
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    assert_eq!(remembered, real);
+    assert_eq!(remembered(&sizes[0]).1, real);
 }
 
 /// What a server holds: open descriptors, TCP sockets to a port, and its own counts (`/debug/stats`).
