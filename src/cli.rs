@@ -11,7 +11,9 @@ use crate::limits::{self, Limits};
 use crate::manifest::Platform;
 use crate::reference::DOCKER_HUB;
 use crate::registry::DEFAULT_IDLE_TIMEOUT;
-use crate::server::{ServerSettings, DEFAULT_MAX_CONCURRENT};
+use crate::server::{
+    ServerSettings, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_CONNECTIONS,
+};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -37,6 +39,12 @@ pub enum Command {
         /// Seconds in-flight conversions may run after SIGTERM/SIGINT.
         #[arg(long, default_value_t = 30)]
         shutdown_grace: u64,
+        /// Seconds a client may take to send a request's headers (slow clients hold a connection).
+        #[arg(long, default_value_t = DEFAULT_HEADER_READ_TIMEOUT.as_secs())]
+        header_read_timeout: u64,
+        /// Client connections held at once; more are answered 503 and closed.
+        #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS)]
+        max_connections: usize,
         /// Name prefix of the ACIs served (a host name, no port), answered by appc discovery.
         #[arg(long)]
         public_name: Option<String>,
@@ -244,16 +252,29 @@ impl SourceArgs {
     }
 }
 
-pub fn server_settings(
-    max_concurrent: usize,
-    shutdown_grace: u64,
-) -> anyhow::Result<ServerSettings> {
-    if max_concurrent == 0 {
+/// The serve flags that shape the HTTP front.
+pub struct FrontArgs {
+    pub max_concurrent: usize,
+    pub shutdown_grace: u64,
+    pub header_read_timeout: u64,
+    pub max_connections: usize,
+}
+
+pub fn server_settings(args: FrontArgs) -> anyhow::Result<ServerSettings> {
+    if args.max_concurrent == 0 {
         bail!("--max-concurrent must be at least 1");
     }
+    if args.header_read_timeout == 0 {
+        bail!("--header-read-timeout must be at least 1 second");
+    }
+    if args.max_connections < args.max_concurrent {
+        bail!("--max-connections must be at least --max-concurrent");
+    }
     Ok(ServerSettings {
-        max_concurrent,
-        shutdown_grace: Duration::from_secs(shutdown_grace),
+        max_concurrent: args.max_concurrent,
+        shutdown_grace: Duration::from_secs(args.shutdown_grace),
+        header_read_timeout: Duration::from_secs(args.header_read_timeout),
+        max_connections: args.max_connections,
         ..Default::default()
     })
 }

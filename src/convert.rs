@@ -71,6 +71,29 @@ pub struct Prepared {
     pub body: ByteStream,
 }
 
+/// A squash resolved and named, none of its layers read: what a conditional request needs.
+pub struct Planned {
+    /// Strong validator: same image and options, same bytes.
+    pub etag: String,
+    id: String,
+    repo_tag: Option<String>,
+    reference: Reference,
+    credentials: Credentials,
+    image: ResolvedImage,
+    alive: Alive,
+}
+
+/// An ACI resolved, named and its manifest planned, none of its layers read.
+pub struct PlannedAci {
+    /// Strong validator, and the key its signature is kept under.
+    pub etag: String,
+    pub name: String,
+    plan: ManifestPlan,
+    request: AciRequest,
+    image: ResolvedImage,
+    alive: Alive,
+}
+
 /// An ACI whose bytes have not started; its length is not known ahead.
 pub struct PreparedAci {
     /// Strong validator, and the key its signature is kept under.
@@ -259,22 +282,19 @@ impl Converter {
 
     /// Resolves and sizes the image; the returned body streams the bytes.
     pub async fn prepare(&self, request: SquashRequest) -> Result<Prepared, Error> {
+        let planned = self.plan(request).await?;
+        self.prepare_planned(planned).await
+    }
+
+    /// Resolves the image and names its bytes, reading no layer: enough to answer a matching
+    /// `If-None-Match`.
+    pub async fn plan(&self, request: SquashRequest) -> Result<Planned, Error> {
         let SquashRequest {
             reference,
             platform,
             tag,
             credentials,
         } = request;
-        let alive = self.conversions.start();
-        let image = self.resolve(&reference, &platform, &credentials).await?;
-        let (layer_size, hints) = self.analyse(&image, &credentials, true, &alive).await?;
-        let layer_size = layer_size.expect("sized when asked");
-
-        let id = hex::encode(Sha256::digest(format!(
-            "{}\nsquash\n{}",
-            version::OUTPUT,
-            image.manifest_digest
-        )));
         let repo_tag = match tag {
             Some(t) => {
                 let parsed = self.parse_reference(&t)?;
@@ -288,10 +308,42 @@ impl Converter {
             }
             None => reference.tag.as_ref().map(|_| reference.familiar()),
         };
+        let alive = self.conversions.start();
+        let image = self.resolve(&reference, &platform, &credentials).await?;
+        let id = hex::encode(Sha256::digest(format!(
+            "{}\nsquash\n{}",
+            version::OUTPUT,
+            image.manifest_digest
+        )));
         let etag = hex::encode(Sha256::digest(format!(
             "{id}\n{}",
             repo_tag.as_deref().unwrap_or("")
         )));
+        Ok(Planned {
+            etag,
+            id,
+            repo_tag,
+            reference,
+            credentials,
+            image,
+            alive,
+        })
+    }
+
+    /// Sizes a planned squash (from what is remembered, else a pre-pass over its layers); the body
+    /// starts the conversion when first polled.
+    pub async fn prepare_planned(&self, planned: Planned) -> Result<Prepared, Error> {
+        let Planned {
+            etag,
+            id,
+            repo_tag,
+            reference,
+            credentials,
+            image,
+            alive,
+        } = planned;
+        let (layer_size, hints) = self.analyse(&image, &credentials, true, &alive).await?;
+        let layer_size = layer_size.expect("sized when asked");
         let source = format!("{}@{}", reference.name(), image.manifest_digest);
         let archive = DockerArchive::new(id, layer_size, image.config.clone(), repo_tag, source);
         let content_length = archive.total_len();
@@ -433,6 +485,12 @@ impl Converter {
     /// Resolves the image and plans its manifest; the returned body streams the ACI and, at its end,
     /// keeps its signature.
     pub async fn prepare_aci(&self, request: AciRequest) -> Result<PreparedAci, Error> {
+        let planned = self.plan_aci(request).await?;
+        self.prepare_planned_aci(planned).await
+    }
+
+    /// Resolves the image and plans the ACI's manifest, reading no layer: its validator is known.
+    pub async fn plan_aci(&self, request: AciRequest) -> Result<PlannedAci, Error> {
         let alive = self.conversions.start();
         let image = self
             .resolve(&request.reference, &request.platform, &request.credentials)
@@ -440,13 +498,34 @@ impl Converter {
         let (identity, etag) = self.aci_identity(&request, &image)?;
         let plan = ManifestPlan::new(&image.config, identity.clone())
             .map_err(|e| Error::InvalidImage(format!("{}: as an ACI: {e}", request.reference)))?;
+        Ok(PlannedAci {
+            etag,
+            name: identity.name,
+            plan,
+            request,
+            image,
+            alive,
+        })
+    }
+
+    /// Reads what the merge needs to know ahead (remembered, or a pre-pass); the body starts the
+    /// conversion when first polled.
+    pub async fn prepare_planned_aci(&self, planned: PlannedAci) -> Result<PreparedAci, Error> {
+        let PlannedAci {
+            etag,
+            name,
+            plan,
+            request,
+            image,
+            alive,
+        } = planned;
         let (_, hints) = self
             .analyse(&image, &request.credentials, false, &alive)
             .await?;
         tracing::info!(
             image = %request.reference,
             manifest = %image.manifest_digest,
-            name = %identity.name,
+            %name,
             layers = image.layers.len(),
             "prepared ACI"
         );
@@ -471,7 +550,7 @@ impl Converter {
         };
         Ok(PreparedAci {
             etag,
-            name: identity.name,
+            name,
             body: job.start(),
         })
     }
@@ -666,7 +745,18 @@ struct Signing {
 }
 
 impl Job {
+    /// The body: the conversion starts when it is first polled, so a response that sends no body
+    /// (HEAD, or a client gone before the first byte) fetches no layer.
     fn start(self) -> ByteStream {
+        let mut job = Some(self);
+        let mut running: Option<ByteStream> = None;
+        Box::pin(futures::stream::poll_fn(move |cx| {
+            let body = running.get_or_insert_with(|| job.take().expect("started once").spawn());
+            body.as_mut().poll_next(cx)
+        }))
+    }
+
+    fn spawn(self) -> ByteStream {
         let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
         let handle = Handle::current();
         let format = match self.output {

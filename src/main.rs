@@ -35,12 +35,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             listen,
             max_concurrent,
             shutdown_grace,
+            header_read_timeout,
+            max_connections,
             public_name,
             public_url,
             signing,
             source,
         } => {
-            let mut settings = cli::server_settings(max_concurrent, shutdown_grace)?;
+            let mut settings = cli::server_settings(cli::FrontArgs {
+                max_concurrent,
+                shutdown_grace,
+                header_read_timeout,
+                max_connections,
+            })?;
             settings.public_name = public_name.as_deref().map(cli::public_name).transpose()?;
             settings.public_url = public_url;
             let mut config = source.converter_config()?;

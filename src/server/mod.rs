@@ -18,7 +18,7 @@ use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty, Full, StreamBod
 use hyper::body::{Frame, Incoming};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -35,13 +35,23 @@ use routes::{AciRoute, Route, RouteError};
 pub const DEFAULT_MAX_CONCURRENT: usize = 16;
 /// How long in-flight conversions may run after SIGTERM unless configured.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// How long a client may take to send a request's headers unless configured: long enough for any
+/// real client on a slow link, short enough that connections trickling bytes (slowloris) are let go.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Client connections held at once unless configured: each costs a task and a socket, and idle
+/// keep-alive clients must not exhaust the descriptors conversions need.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// What an overloaded server asks clients to wait.
 const RETRY_AFTER_SECS: &str = "5";
+/// How long a connection beyond the limit is kept to be told 503 before it is dropped.
+const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
 pub struct ServerSettings {
     pub max_concurrent: usize,
     pub shutdown_grace: Duration,
+    pub header_read_timeout: Duration,
+    pub max_connections: usize,
     /// The appc name prefix discovery answers for (a host name, no port).
     pub public_name: Option<String>,
     /// Base URL of the discovery templates; by default the one the discovery request came in on.
@@ -53,6 +63,8 @@ impl Default for ServerSettings {
         ServerSettings {
             max_concurrent: DEFAULT_MAX_CONCURRENT,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
             public_name: None,
             public_url: None,
         }
@@ -79,6 +91,10 @@ pub async fn run(
         permits: Arc::new(Semaphore::new(settings.max_concurrent)),
         settings: settings.clone(),
     });
+    let connections = Arc::new(Semaphore::new(settings.max_connections));
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(settings.header_read_timeout);
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -93,11 +109,16 @@ pub async fn run(
                         continue;
                     }
                 };
+                let Ok(held) = connections.clone().try_acquire_owned() else {
+                    tokio::spawn(refuse(stream, peer));
+                    continue;
+                };
                 let state = state.clone();
                 let service = service_fn(move |req| handle(req, state.clone(), peer));
-                let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+                let conn = http.serve_connection(TokioIo::new(stream), service);
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
+                    let _held = held;
                     if let Err(e) = conn.await {
                         tracing::debug!(error = %e, "connection ended with an error");
                     }
@@ -113,6 +134,28 @@ pub async fn run(
         () = tokio::time::sleep(settings.shutdown_grace) => tracing::warn!("grace period over; aborting the rest"),
     }
     Ok(())
+}
+
+/// A connection beyond `--max-connections`: a 503 without reading the request, then closed.
+async fn refuse(mut stream: tokio::net::TcpStream, peer: SocketAddr) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tracing::warn!(%peer, "connection limit reached; refusing a connection");
+    let body = r#"{"error":{"code":"OVERLOADED","message":"too many connections"}}"#;
+    let resp = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+         retry-after: {RETRY_AFTER_SECS}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(REFUSAL_WRITE_TIMEOUT, async {
+        stream.write_all(resp.as_bytes()).await?;
+        stream.shutdown().await?;
+        // Closing with the request unread would reset the connection, and the client could lose the
+        // 503 it was sent: drain what it sends until it closes, or the timeout.
+        let mut sink = [0u8; 4096];
+        while stream.read(&mut sink).await? > 0 {}
+        Ok::<(), io::Error>(())
+    })
+    .await;
 }
 
 fn json(status: u16, body: &impl serde::Serialize) -> Response<Body> {
@@ -264,12 +307,16 @@ fn credentials(req: &Request<Incoming>) -> Credentials {
     )
 }
 
-/// Whether the client already holds these bytes.
+/// Whether the client already holds these bytes: `If-None-Match` lists the (quoted) ETag, or is `*`
+/// (RFC 9110 §13.1.2; weak comparison, so a `W/` prefix matches too).
 fn not_modified(req: &Request<Incoming>, etag: &str) -> bool {
     req.headers()
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v == etag || v == "*")
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .any(|tag| tag == "*" || tag.strip_prefix("W/").unwrap_or(tag).trim_matches('"') == etag)
 }
 
 async fn serve_aci(
@@ -297,20 +344,18 @@ async fn serve_aci(
         return signature(state, request).await;
     }
     let permit = slot(state)?;
-    let prepared = state.converter.prepare_aci(request).await?;
-    let file = format!(
-        "{}-{}.aci",
-        file_name(&prepared.name),
-        file_name(&route.tag)
-    );
-    Ok(tar_response(
-        req,
-        &prepared.etag,
-        &file,
-        None,
-        prepared.body,
-        permit,
-    ))
+    let planned = state.converter.plan_aci(request).await?;
+    let file = format!("{}-{}.aci", file_name(&planned.name), file_name(&route.tag));
+    let headers = tar_headers(&planned.etag, &file);
+    // The ACI's length is not known ahead, so neither answer needs its layers.
+    if not_modified(req, &planned.etag) {
+        return Ok(not_modified_response(headers));
+    }
+    if req.method() == Method::HEAD {
+        return Ok(headers.body(empty()).expect("valid response"));
+    }
+    let prepared = state.converter.prepare_planned_aci(planned).await?;
+    Ok(streaming(headers, prepared.body, permit))
 }
 
 /// `.aci.asc`: the kept signature, or 202 while none exists. rkt asks for the signature first and, on
@@ -364,23 +409,27 @@ async fn squash(
     let credentials = credentials(req);
     let permit = slot(state)?;
     let name = reference.familiar();
-    let prepared = state
+    let planned = state
         .converter
-        .prepare(SquashRequest {
+        .plan(SquashRequest {
             reference,
             platform,
             tag: query.tag,
             credentials,
         })
         .await?;
-    Ok(tar_response(
-        req,
-        &prepared.etag,
-        &format!("{}.tar", file_name(&name)),
-        Some(prepared.content_length),
-        prepared.body,
-        permit,
-    ))
+    let headers = tar_headers(&planned.etag, &format!("{}.tar", file_name(&name)));
+    // Known from the manifest alone: no layer is read, not even to size them.
+    if not_modified(req, &planned.etag) {
+        return Ok(not_modified_response(headers));
+    }
+    // HEAD needs the length: remembered, or sized by a pre-pass; the conversion itself never starts.
+    let prepared = state.converter.prepare_planned(planned).await?;
+    let headers = headers.header(header::CONTENT_LENGTH, prepared.content_length);
+    if req.method() == Method::HEAD {
+        return Ok(headers.body(empty()).expect("valid response"));
+    }
+    Ok(streaming(headers, prepared.body, permit))
 }
 
 /// One of the `--max-concurrent` conversion slots, or 503.
@@ -392,42 +441,36 @@ fn slot(state: &State) -> Result<tokio::sync::OwnedSemaphorePermit, Error> {
         .map_err(|_| Error::Overloaded)
 }
 
-/// The response of a conversion (squash or ACI): its validator, a download name, the length when
-/// known ahead; 304 and HEAD without a body; else the bytes as they stream. The permit lives as long
-/// as the body: a finished or dropped body frees the slot.
-fn tar_response(
-    req: &Request<Incoming>,
-    etag: &str,
-    download_name: &str,
-    content_length: Option<u64>,
-    body: crate::convert::ByteStream,
-    permit: tokio::sync::OwnedSemaphorePermit,
-) -> Response<Body> {
-    let etag = format!("\"{etag}\"");
-    let mut builder = Response::builder()
+/// The headers of a conversion's response (squash or ACI): its validator and a download name.
+fn tar_headers(etag: &str, download_name: &str) -> http::response::Builder {
+    Response::builder()
         .header(header::CONTENT_TYPE, "application/x-tar")
-        .header(header::ETAG, &etag)
+        .header(header::ETAG, format!("\"{etag}\""))
         .header(
             header::CONTENT_DISPOSITION,
             format!("attachment; filename=\"{download_name}\""),
-        );
-    if not_modified(req, &etag) {
-        return builder
-            .status(StatusCode::NOT_MODIFIED)
-            .body(empty())
-            .expect("valid response");
-    }
-    if let Some(length) = content_length {
-        builder = builder.header(header::CONTENT_LENGTH, length);
-    }
-    if req.method() == Method::HEAD {
-        return builder.body(empty()).expect("valid response");
-    }
+        )
+}
+
+fn not_modified_response(headers: http::response::Builder) -> Response<Body> {
+    headers
+        .status(StatusCode::NOT_MODIFIED)
+        .body(empty())
+        .expect("valid response")
+}
+
+/// The bytes as they stream. The permit lives as long as the body: a finished or dropped body frees
+/// the slot.
+fn streaming(
+    headers: http::response::Builder,
+    body: crate::convert::ByteStream,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) -> Response<Body> {
     let body = body.map(move |chunk| {
         let _held = &permit;
         chunk.map(Frame::data)
     });
-    builder
+    headers
         .body(BodyExt::boxed_unsync(StreamBody::new(body)))
         .expect("valid response")
 }
