@@ -8,13 +8,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use base64::Engine as _;
 use common::fixtures::{write_layout, Comp, Image, Layer};
 use common::proxy::{Fault, Outcome, Proxy};
+use common::registry::Registry;
 use common::token::{basic, Fields, TokenServer, User, ISSUER, SERVICE};
 use common::*;
 use serde_json::Value;
@@ -40,108 +39,38 @@ const CAROL: User = User {
     actions: &[],
 };
 
-/// A registry that wants credentials, killed on drop.
-struct PrivateRegistry {
-    child: Child,
-    addr: String,
-    config: PathBuf,
+/// Basic authentication against an htpasswd file.
+fn basic_registry() -> Registry {
+    let dir = scratch(&format!("private-registry-{}", rand_suffix()));
+    let hash = bcrypt::hash(PASSWORD, 4).unwrap();
+    std::fs::write(dir.join("htpasswd"), format!("{USER}:{hash}\n")).unwrap();
+    let auth = format!(
+        "  htpasswd:\n    realm: strata-test\n    path: {}\n",
+        dir.join("htpasswd").display()
+    );
+    Registry::start(&dir, "", Some(&auth))
 }
 
-impl Drop for PrivateRegistry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl PrivateRegistry {
-    /// Basic authentication against an htpasswd file.
-    fn start() -> PrivateRegistry {
-        let dir = scratch(&format!("private-registry-{}", rand_suffix()));
-        let hash = bcrypt::hash(PASSWORD, 4).unwrap();
-        std::fs::write(dir.join("htpasswd"), format!("{USER}:{hash}\n")).unwrap();
-        let auth = format!(
-            "  htpasswd:\n    realm: strata-test\n    path: {}\n",
-            dir.join("htpasswd").display()
-        );
-        PrivateRegistry::serve(&dir, &auth)
-    }
-
-    /// Token authentication: the challenge sends clients to `tokens`, and the registry trusts what
-    /// its key signs.
-    fn with_tokens(tokens: &TokenServer) -> PrivateRegistry {
-        let dir = scratch(&format!("token-registry-{}", rand_suffix()));
-        let auth = format!(
-            "  token:\n    realm: {}\n    service: {SERVICE}\n    issuer: {ISSUER}\n    rootcertbundle: {}\n",
-            tokens.realm,
-            tokens.cert.display()
-        );
-        PrivateRegistry::serve(&dir, &auth)
-    }
-
-    /// Starts `docker-registry` in `dir` with `auth` as the indented body of its `auth:` section.
-    fn serve(dir: &Path, auth: &str) -> PrivateRegistry {
-        let addr = format!("127.0.0.1:{}", free_port());
-        let config = format!(
-            "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {root}\nhttp:\n  addr: {addr}\n\
-             auth:\n{auth}log:\n  level: warn\n",
-            root = dir.join("data").display(),
-        );
-        let path = dir.join("config.yml");
-        std::fs::write(&path, config).unwrap();
-        PrivateRegistry {
-            child: spawn_registry(&path, &addr),
-            addr,
-            config: path,
-        }
-    }
-
-    /// Stops the registry and starts it again on the same port and storage, so that it reads its
-    /// configuration (and certificate bundle) anew.
-    fn restart(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        self.child = spawn_registry(&self.config, &self.addr);
-    }
-}
-
-/// Runs `docker-registry serve config` and waits until `addr` accepts connections; its log is added
-/// to the one next to the configuration.
-fn spawn_registry(config: &Path, addr: &str) -> Child {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(config.with_extension("log"))
-        .unwrap();
-    let child = Command::new("docker-registry")
-        .arg("serve")
-        .arg(config)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("docker-registry installed by scripts/test.sh");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "private registry did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    child
+/// Token authentication: the challenge sends clients to `tokens`, and the registry trusts what its
+/// key signs.
+fn token_registry(tokens: &TokenServer) -> Registry {
+    let dir = scratch(&format!("token-registry-{}", rand_suffix()));
+    let auth = format!(
+        "  token:\n    realm: {}\n    service: {SERVICE}\n    issuer: {ISSUER}\n    rootcertbundle: {}\n",
+        tokens.realm,
+        tokens.cert.display()
+    );
+    Registry::start(&dir, "", Some(&auth))
 }
 
 /// Writes `layers` as an OCI layout and pushes it to the private registry as `repo:v1`.
-fn push_private(registry: &PrivateRegistry, name: &str, layers: Vec<Layer>, repo: &str) {
+fn push_private(registry: &Registry, name: &str, layers: Vec<Layer>, repo: &str) {
     let image = Image::new(layers.into_iter().map(|l| (l, Comp::Gzip)).collect());
     push_images(registry, &ALICE, name, vec![image], repo);
 }
 
 /// Writes `images` as an OCI layout and pushes it as `user` to the private registry as `repo:v1`.
-fn push_images(
-    registry: &PrivateRegistry,
-    user: &User,
-    name: &str,
-    images: Vec<Image>,
-    repo: &str,
-) {
+fn push_images(registry: &Registry, user: &User, name: &str, images: Vec<Image>, repo: &str) {
     let layout = scratch(name);
     write_layout(&layout, &images, "v1");
     run(Command::new("skopeo")
@@ -159,7 +88,7 @@ fn push_images(
 #[test]
 fn private_images_need_the_callers_own_credentials() {
     let _env = env();
-    let registry = PrivateRegistry::start();
+    let registry = basic_registry();
     push_private(
         &registry,
         "private-layout",
@@ -216,7 +145,7 @@ fn private_images_need_the_callers_own_credentials() {
 #[test]
 fn blob_redirects_to_another_host_carry_no_credentials() {
     let _env = env();
-    let registry = PrivateRegistry::start();
+    let registry = basic_registry();
     push_private(
         &registry,
         "redirect-layout",
@@ -276,7 +205,7 @@ fn token_auth_uses_the_callers_own_credentials_at_the_token_server() {
         &scratch(&format!("tokens-{}", rand_suffix())),
         &[ALICE, BOB, CAROL],
     );
-    let registry = PrivateRegistry::with_tokens(&tokens);
+    let registry = token_registry(&tokens);
     push_images(
         &registry,
         &ALICE,
@@ -410,7 +339,7 @@ fn token_auth_uses_the_callers_own_credentials_at_the_token_server() {
 fn a_token_the_registry_refuses_is_fetched_again() {
     let _env = env();
     let tokens = TokenServer::start(&scratch(&format!("tokens-{}", rand_suffix())), &[ALICE]);
-    let mut registry = PrivateRegistry::with_tokens(&tokens);
+    let mut registry = token_registry(&tokens);
     push_images(
         &registry,
         &ALICE,
@@ -458,7 +387,7 @@ fn a_token_the_registry_refuses_is_fetched_again() {
 fn either_token_field_is_accepted() {
     let _env = env();
     let tokens = TokenServer::start(&scratch(&format!("tokens-{}", rand_suffix())), &[ALICE]);
-    let registry = PrivateRegistry::with_tokens(&tokens);
+    let registry = token_registry(&tokens);
     push_private(
         &registry,
         "fields-layout",
