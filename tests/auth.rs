@@ -8,6 +8,7 @@
 
 mod common;
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use base64::Engine as _;
@@ -420,4 +421,185 @@ fn load_name(archive: &[u8]) -> String {
         }
     }
     panic!("no manifest.json")
+}
+
+/// Writes a docker `config.json` in `dir` whose `auths` give `registry` these credentials, once as
+/// `auth` (base64 `user:password`), once as `username`/`password`, as `docker login` and people write
+/// them.
+fn auth_file(dir: &Path, registry: &str, user: &User, as_fields: bool) -> PathBuf {
+    let entry = if as_fields {
+        serde_json::json!({"username": user.name, "password": user.password})
+    } else {
+        serde_json::json!({"auth": base64::engine::general_purpose::STANDARD.encode(user.creds())})
+    };
+    let config = serde_json::json!({"auths": {
+        registry: entry,
+        "https://index.docker.io/v1/": {"auth": "bm9ib2R5Om5vdGhpbmc="},
+    }});
+    let path = dir.join("config.json");
+    std::fs::write(&path, config.to_string()).unwrap();
+    path
+}
+
+/// Service credentials (`--registry-auth-file`) stand in for a caller who sends none, and only then:
+/// a caller's own credentials, right or wrong, go to the token server alone, never mixed with the
+/// service's and never replaced by them; and the service's token is cached apart from every caller's,
+/// even one who sends the very same credentials.
+#[test]
+fn service_credentials_serve_anonymous_callers_only() {
+    let _env = env();
+    let tokens = TokenServer::start(
+        &scratch(&format!("tokens-{}", rand_suffix())),
+        &[ALICE, BOB],
+    );
+    let registry = token_registry(&tokens);
+    push_images(
+        &registry,
+        &ALICE,
+        "served-layout",
+        images::basic(),
+        "private/served",
+    );
+    let front = Proxy::start(&registry.addr);
+    let dir = scratch(&format!("service-auth-{}", rand_suffix()));
+    let file = auth_file(&dir, &front.addr, &BOB, false);
+    let server = Server::start_logging(
+        &front.addr,
+        &["--registry-auth-file", file.to_str().unwrap()],
+        "debug",
+    );
+    let url = format!("{}/squash/{}/private/served:v1", server.url, front.addr);
+    let squash = |args: &[&str]| {
+        let mut all = vec!["-f"];
+        all.extend_from_slice(args);
+        all.push(&url);
+        let (status, _, body) = curl(&all);
+        assert_eq!(status, 200, "{args:?}: {}", String::from_utf8_lossy(&body));
+        body
+    };
+    let new_requests = |since: usize| tokens.requests()[since..].to_vec();
+
+    // Anonymous: served with the service's credentials, which the token server sees.
+    let before = tokens.requests().len();
+    let anonymous = squash(&[]);
+    let asked = new_requests(before);
+    assert_eq!(asked.len(), 1, "{asked:?}");
+    assert_eq!(asked[0].authorization, Some(BOB.basic()), "{asked:?}");
+    assert_eq!(asked[0].status, 200);
+    let service_token = asked[0].token.clone().unwrap();
+    // Again: the service's cached token.
+    let (before, seen_before) = (tokens.requests().len(), front.requests("/v2/").len());
+    assert_eq!(squash(&[]), anonymous);
+    assert_eq!(new_requests(before).len(), 0, "a second service token");
+    for r in &front.requests("/v2/")[seen_before..] {
+        assert_eq!(r.authorization, Some(format!("Bearer {service_token}")));
+    }
+
+    // A caller's wrong credentials: a 401, with nothing of the service's tried instead.
+    let before = tokens.requests().len();
+    let v = json_error_curl(&["-u", &format!("{USER}:wrong"), &url], 401);
+    assert_eq!(v["error"]["code"], "UNAUTHORIZED", "{v}");
+    let asked = new_requests(before);
+    let who: Vec<_> = asked.iter().map(|r| r.authorization.clone()).collect();
+    assert_eq!(who, [Some(basic(USER, "wrong"))], "{asked:?}");
+
+    // A caller's right credentials: their own token, as without service credentials.
+    let before = tokens.requests().len();
+    let seen_before = front.requests("/v2/").len();
+    assert_eq!(squash(&["-u", &ALICE.creds()]), anonymous);
+    let asked = new_requests(before);
+    assert_eq!(asked.len(), 1, "{asked:?}");
+    assert_eq!(asked[0].authorization, Some(ALICE.basic()));
+    let alice_token = asked[0].token.clone().unwrap();
+    let alices = &front.requests("/v2/")[seen_before..];
+    assert!(
+        alices.iter().all(|r| r.authorization.is_none()
+            || r.authorization == Some(format!("Bearer {alice_token}"))),
+        "{alices:?}"
+    );
+
+    // Bob as a caller: the service's token is not his; he gets his own.
+    let before = tokens.requests().len();
+    squash(&["-u", &BOB.creds()]);
+    let asked = new_requests(before);
+    assert_eq!(
+        asked.len(),
+        1,
+        "the service's cached token served a caller: {asked:?}"
+    );
+    assert_ne!(asked[0].token.as_deref(), Some(service_token.as_str()));
+
+    let log = server.log.lock().unwrap().clone();
+    for secret in [BOB.password, &BOB.basic(), &service_token] {
+        assert!(!log.contains(secret), "a secret in the log: {log}");
+    }
+}
+
+/// `strata squash` without credentials of its own reads `$DOCKER_CONFIG/config.json`, as docker does;
+/// a file given with `--registry-auth-file` takes its place.
+#[test]
+fn the_cli_reads_the_docker_config() {
+    let _env = env();
+    let registry = basic_registry();
+    push_private(
+        &registry,
+        "cli-auth-layout",
+        vec![Layer::new().file("f", 0o600, b"private")],
+        "private/cli",
+    );
+    let alice = User {
+        actions: &[],
+        ..ALICE
+    };
+    let dir = scratch(&format!("cli-auth-{}", rand_suffix()));
+    let docker_config = dir.join("docker");
+    std::fs::create_dir_all(&docker_config).unwrap();
+    auth_file(&docker_config, &registry.addr, &alice, true);
+    let empty = dir.join("empty-home");
+    std::fs::create_dir_all(&empty).unwrap();
+    let out = dir.join("out.tar");
+    let squash = |envs: &[(&str, &Path)], extra: &[&str]| {
+        let mut cmd = strata();
+        cmd.args([
+            "squash",
+            "--no-cache",
+            "--insecure-registry",
+            &registry.addr,
+        ])
+        .arg(format!("{}/private/cli:v1", registry.addr))
+        .arg("-o")
+        .arg(&out)
+        .args(extra)
+        .env_remove("DOCKER_CONFIG")
+        .env("HOME", &empty);
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+
+    let none = squash(&[], &[]);
+    assert!(!none.status.success());
+    let stderr = String::from_utf8_lossy(&none.stderr);
+    assert!(stderr.contains("UNAUTHORIZED"), "{stderr}");
+
+    let from_config = squash(&[("DOCKER_CONFIG", &docker_config)], &[]);
+    assert!(
+        from_config.status.success(),
+        "{}",
+        String::from_utf8_lossy(&from_config.stderr)
+    );
+    let listing = listing(std::fs::File::open(&out).unwrap());
+    assert!(
+        listing.keys().any(|k| k.ends_with("layer.tar")),
+        "a docker archive: {listing:?}"
+    );
+
+    let file = docker_config.join("config.json");
+    let flag = squash(&[], &["--registry-auth-file", file.to_str().unwrap()]);
+    assert!(
+        flag.status.success(),
+        "{}",
+        String::from_utf8_lossy(&flag.stderr)
+    );
 }
