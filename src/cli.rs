@@ -10,7 +10,7 @@ use crate::convert::ConverterConfig;
 use crate::limits::{self, Limits};
 use crate::manifest::Platform;
 use crate::reference::DOCKER_HUB;
-use crate::registry::DEFAULT_IDLE_TIMEOUT;
+use crate::registry::{ServiceCredentials, DEFAULT_IDLE_TIMEOUT, DEFAULT_RESPONSE_TIMEOUT};
 use crate::server::{
     ServerSettings, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_CONNECTIONS,
 };
@@ -190,6 +190,15 @@ pub struct SourceArgs {
     /// Seconds a registry may send nothing in the middle of a blob before the transfer fails.
     #[arg(long, default_value_t = DEFAULT_IDLE_TIMEOUT.as_secs())]
     pub upstream_idle_timeout: u64,
+    /// Seconds a registry may take to answer a request with its status and headers.
+    #[arg(long, default_value_t = DEFAULT_RESPONSE_TIMEOUT.as_secs())]
+    pub upstream_response_timeout: u64,
+    /// PEM file of CA certificates trusted for registries, besides the system store; repeatable.
+    #[arg(long, value_name = "FILE")]
+    pub registry_ca: Vec<PathBuf>,
+    /// Docker config.json (`auths`) whose credentials serve callers who send none.
+    #[arg(long, value_name = "FILE")]
+    pub registry_auth_file: Option<PathBuf>,
 }
 
 fn default_cache_dir() -> Option<PathBuf> {
@@ -207,7 +216,10 @@ fn host_ok(h: &str) -> bool {
 }
 
 impl SourceArgs {
-    pub fn converter_config(&self) -> anyhow::Result<ConverterConfig> {
+    /// The validated settings. `docker_config`: without `--registry-auth-file`, take the service
+    /// credentials from `$DOCKER_CONFIG/config.json` (or `~/.docker/config.json`), as the one-shot
+    /// commands do; the server reads no file it was not given.
+    pub fn converter_config(&self, docker_config: bool) -> anyhow::Result<ConverterConfig> {
         for h in std::iter::once(&self.default_registry)
             .chain(&self.insecure_registry)
             .chain(&self.allow_registry)
@@ -219,6 +231,9 @@ impl SourceArgs {
         if self.upstream_idle_timeout == 0 {
             bail!("--upstream-idle-timeout must be at least 1 second");
         }
+        if self.upstream_response_timeout == 0 {
+            bail!("--upstream-response-timeout must be at least 1 second");
+        }
         if let Some(dir) = &self.oci_layout {
             if !dir.join("index.json").is_file() {
                 bail!(
@@ -227,6 +242,19 @@ impl SourceArgs {
                 );
             }
         }
+        let mut registry_ca_certificates = Vec::new();
+        for path in &self.registry_ca {
+            let pem = std::fs::read(path)
+                .with_context(|| format!("reading --registry-ca {}", path.display()))?;
+            let certs = crate::registry::transport::parse_ca_bundle(&pem)
+                .map_err(|e| anyhow::anyhow!("--registry-ca {}: {e}", path.display()))?;
+            registry_ca_certificates.extend(certs);
+        }
+        let service_credentials = match &self.registry_auth_file {
+            Some(path) => ServiceCredentials::from_file(path)?,
+            None if docker_config => ServiceCredentials::from_docker_config()?,
+            None => ServiceCredentials::default(),
+        };
         Ok(ConverterConfig {
             default_registry: self.default_registry.clone(),
             insecure_registries: self.insecure_registry.clone(),
@@ -247,6 +275,9 @@ impl SourceArgs {
                 max_layers: self.max_layers,
             },
             upstream_idle_timeout: Duration::from_secs(self.upstream_idle_timeout),
+            upstream_response_timeout: Duration::from_secs(self.upstream_response_timeout),
+            registry_ca_certificates,
+            service_credentials,
             signer: None,
         })
     }

@@ -182,6 +182,12 @@ pub struct ConverterConfig {
     pub limits: Limits,
     /// How long a registry may send nothing in the middle of a blob.
     pub upstream_idle_timeout: std::time::Duration,
+    /// How long a registry may take to send a response's status and headers.
+    pub upstream_response_timeout: std::time::Duration,
+    /// CAs trusted for registries besides the compiled-in roots and the system store.
+    pub registry_ca_certificates: Vec<reqwest::Certificate>,
+    /// The service's own registry credentials, for callers who send none.
+    pub service_credentials: registry::ServiceCredentials,
     /// Signs ACIs when set.
     pub signer: Option<Arc<Signer>>,
 }
@@ -197,6 +203,9 @@ impl Default for ConverterConfig {
             oci_layout: None,
             limits: Limits::default(),
             upstream_idle_timeout: registry::DEFAULT_IDLE_TIMEOUT,
+            upstream_response_timeout: registry::DEFAULT_RESPONSE_TIMEOUT,
+            registry_ca_certificates: Vec::new(),
+            service_credentials: registry::ServiceCredentials::default(),
             signer: None,
         }
     }
@@ -229,12 +238,18 @@ impl Converter {
                 OciLayout::open(dir, config.limits.max_manifest_bytes)
                     .map_err(|e| Error::Internal(format!("OCI layout {}: {e}", dir.display())))?,
             )),
-            None => Source::Registry(Arc::new(registry::Client::new(registry::ClientConfig {
-                insecure: config.insecure_registries.clone(),
-                idle_timeout: config.upstream_idle_timeout,
-                max_manifest_bytes: config.limits.max_manifest_bytes,
-                ..Default::default()
-            }))),
+            None => Source::Registry(Arc::new(
+                registry::Client::new(registry::ClientConfig {
+                    insecure: config.insecure_registries.clone(),
+                    idle_timeout: config.upstream_idle_timeout,
+                    response_timeout: config.upstream_response_timeout,
+                    max_manifest_bytes: config.limits.max_manifest_bytes,
+                    ca_certificates: config.registry_ca_certificates.clone(),
+                    service_credentials: config.service_credentials.clone(),
+                    ..Default::default()
+                })
+                .map_err(|e| Error::Internal(e.to_string()))?,
+            )),
         };
         let store = Store::new(config.cache_dir.clone());
         let signatures = Signatures::new(config.cache_dir.clone());

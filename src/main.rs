@@ -50,7 +50,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             })?;
             settings.public_name = public_name.as_deref().map(cli::public_name).transpose()?;
             settings.public_url = public_url;
-            let mut config = source.converter_config()?;
+            let mut config = source.converter_config(false)?;
             config.signer = signing.signer()?;
             let converter = Arc::new(Converter::new(config)?);
             let listener = tokio::net::TcpListener::bind(&listen)
@@ -68,7 +68,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             credentials_from_env,
             source,
         } => {
-            let converter = Converter::new(source.converter_config()?)?;
+            let converter = Converter::new(source.converter_config(!credentials_from_env)?)?;
             let credentials = Credentials(if credentials_from_env {
                 Some(cli::credentials_from_env()?)
             } else {
@@ -96,7 +96,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             signing,
             source,
         } => {
-            let mut config = source.converter_config()?;
+            let mut config = source.converter_config(!credentials_from_env)?;
             config.signer = signing.signer()?;
             let converter = Converter::new(config)?;
             let credentials = Credentials(if credentials_from_env {

@@ -9,12 +9,12 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use base64::Engine as _;
 use common::fixtures::{write_layout, Comp, Image, Layer};
 use common::proxy::{Fault, Outcome, Proxy};
+use common::registry::Registry;
 use common::token::{basic, Fields, TokenServer, User, ISSUER, SERVICE};
 use common::*;
 use serde_json::Value;
@@ -40,108 +40,38 @@ const CAROL: User = User {
     actions: &[],
 };
 
-/// A registry that wants credentials, killed on drop.
-struct PrivateRegistry {
-    child: Child,
-    addr: String,
-    config: PathBuf,
+/// Basic authentication against an htpasswd file.
+fn basic_registry() -> Registry {
+    let dir = scratch(&format!("private-registry-{}", rand_suffix()));
+    let hash = bcrypt::hash(PASSWORD, 4).unwrap();
+    std::fs::write(dir.join("htpasswd"), format!("{USER}:{hash}\n")).unwrap();
+    let auth = format!(
+        "  htpasswd:\n    realm: strata-test\n    path: {}\n",
+        dir.join("htpasswd").display()
+    );
+    Registry::start(&dir, "", Some(&auth))
 }
 
-impl Drop for PrivateRegistry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl PrivateRegistry {
-    /// Basic authentication against an htpasswd file.
-    fn start() -> PrivateRegistry {
-        let dir = scratch(&format!("private-registry-{}", rand_suffix()));
-        let hash = bcrypt::hash(PASSWORD, 4).unwrap();
-        std::fs::write(dir.join("htpasswd"), format!("{USER}:{hash}\n")).unwrap();
-        let auth = format!(
-            "  htpasswd:\n    realm: strata-test\n    path: {}\n",
-            dir.join("htpasswd").display()
-        );
-        PrivateRegistry::serve(&dir, &auth)
-    }
-
-    /// Token authentication: the challenge sends clients to `tokens`, and the registry trusts what
-    /// its key signs.
-    fn with_tokens(tokens: &TokenServer) -> PrivateRegistry {
-        let dir = scratch(&format!("token-registry-{}", rand_suffix()));
-        let auth = format!(
-            "  token:\n    realm: {}\n    service: {SERVICE}\n    issuer: {ISSUER}\n    rootcertbundle: {}\n",
-            tokens.realm,
-            tokens.cert.display()
-        );
-        PrivateRegistry::serve(&dir, &auth)
-    }
-
-    /// Starts `docker-registry` in `dir` with `auth` as the indented body of its `auth:` section.
-    fn serve(dir: &Path, auth: &str) -> PrivateRegistry {
-        let addr = format!("127.0.0.1:{}", free_port());
-        let config = format!(
-            "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {root}\nhttp:\n  addr: {addr}\n\
-             auth:\n{auth}log:\n  level: warn\n",
-            root = dir.join("data").display(),
-        );
-        let path = dir.join("config.yml");
-        std::fs::write(&path, config).unwrap();
-        PrivateRegistry {
-            child: spawn_registry(&path, &addr),
-            addr,
-            config: path,
-        }
-    }
-
-    /// Stops the registry and starts it again on the same port and storage, so that it reads its
-    /// configuration (and certificate bundle) anew.
-    fn restart(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        self.child = spawn_registry(&self.config, &self.addr);
-    }
-}
-
-/// Runs `docker-registry serve config` and waits until `addr` accepts connections; its log is added
-/// to the one next to the configuration.
-fn spawn_registry(config: &Path, addr: &str) -> Child {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(config.with_extension("log"))
-        .unwrap();
-    let child = Command::new("docker-registry")
-        .arg("serve")
-        .arg(config)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("docker-registry installed by scripts/test.sh");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "private registry did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    child
+/// Token authentication: the challenge sends clients to `tokens`, and the registry trusts what its
+/// key signs.
+fn token_registry(tokens: &TokenServer) -> Registry {
+    let dir = scratch(&format!("token-registry-{}", rand_suffix()));
+    let auth = format!(
+        "  token:\n    realm: {}\n    service: {SERVICE}\n    issuer: {ISSUER}\n    rootcertbundle: {}\n",
+        tokens.realm,
+        tokens.cert.display()
+    );
+    Registry::start(&dir, "", Some(&auth))
 }
 
 /// Writes `layers` as an OCI layout and pushes it to the private registry as `repo:v1`.
-fn push_private(registry: &PrivateRegistry, name: &str, layers: Vec<Layer>, repo: &str) {
+fn push_private(registry: &Registry, name: &str, layers: Vec<Layer>, repo: &str) {
     let image = Image::new(layers.into_iter().map(|l| (l, Comp::Gzip)).collect());
     push_images(registry, &ALICE, name, vec![image], repo);
 }
 
 /// Writes `images` as an OCI layout and pushes it as `user` to the private registry as `repo:v1`.
-fn push_images(
-    registry: &PrivateRegistry,
-    user: &User,
-    name: &str,
-    images: Vec<Image>,
-    repo: &str,
-) {
+fn push_images(registry: &Registry, user: &User, name: &str, images: Vec<Image>, repo: &str) {
     let layout = scratch(name);
     write_layout(&layout, &images, "v1");
     run(Command::new("skopeo")
@@ -159,7 +89,7 @@ fn push_images(
 #[test]
 fn private_images_need_the_callers_own_credentials() {
     let _env = env();
-    let registry = PrivateRegistry::start();
+    let registry = basic_registry();
     push_private(
         &registry,
         "private-layout",
@@ -216,7 +146,7 @@ fn private_images_need_the_callers_own_credentials() {
 #[test]
 fn blob_redirects_to_another_host_carry_no_credentials() {
     let _env = env();
-    let registry = PrivateRegistry::start();
+    let registry = basic_registry();
     push_private(
         &registry,
         "redirect-layout",
@@ -276,7 +206,7 @@ fn token_auth_uses_the_callers_own_credentials_at_the_token_server() {
         &scratch(&format!("tokens-{}", rand_suffix())),
         &[ALICE, BOB, CAROL],
     );
-    let registry = PrivateRegistry::with_tokens(&tokens);
+    let registry = token_registry(&tokens);
     push_images(
         &registry,
         &ALICE,
@@ -410,7 +340,7 @@ fn token_auth_uses_the_callers_own_credentials_at_the_token_server() {
 fn a_token_the_registry_refuses_is_fetched_again() {
     let _env = env();
     let tokens = TokenServer::start(&scratch(&format!("tokens-{}", rand_suffix())), &[ALICE]);
-    let mut registry = PrivateRegistry::with_tokens(&tokens);
+    let mut registry = token_registry(&tokens);
     push_images(
         &registry,
         &ALICE,
@@ -458,7 +388,7 @@ fn a_token_the_registry_refuses_is_fetched_again() {
 fn either_token_field_is_accepted() {
     let _env = env();
     let tokens = TokenServer::start(&scratch(&format!("tokens-{}", rand_suffix())), &[ALICE]);
-    let registry = PrivateRegistry::with_tokens(&tokens);
+    let registry = token_registry(&tokens);
     push_private(
         &registry,
         "fields-layout",
@@ -491,4 +421,185 @@ fn load_name(archive: &[u8]) -> String {
         }
     }
     panic!("no manifest.json")
+}
+
+/// Writes a docker `config.json` in `dir` whose `auths` give `registry` these credentials, once as
+/// `auth` (base64 `user:password`), once as `username`/`password`, as `docker login` and people write
+/// them.
+fn auth_file(dir: &Path, registry: &str, user: &User, as_fields: bool) -> PathBuf {
+    let entry = if as_fields {
+        serde_json::json!({"username": user.name, "password": user.password})
+    } else {
+        serde_json::json!({"auth": base64::engine::general_purpose::STANDARD.encode(user.creds())})
+    };
+    let config = serde_json::json!({"auths": {
+        registry: entry,
+        "https://index.docker.io/v1/": {"auth": "bm9ib2R5Om5vdGhpbmc="},
+    }});
+    let path = dir.join("config.json");
+    std::fs::write(&path, config.to_string()).unwrap();
+    path
+}
+
+/// Service credentials (`--registry-auth-file`) stand in for a caller who sends none, and only then:
+/// a caller's own credentials, right or wrong, go to the token server alone, never mixed with the
+/// service's and never replaced by them; and the service's token is cached apart from every caller's,
+/// even one who sends the very same credentials.
+#[test]
+fn service_credentials_serve_anonymous_callers_only() {
+    let _env = env();
+    let tokens = TokenServer::start(
+        &scratch(&format!("tokens-{}", rand_suffix())),
+        &[ALICE, BOB],
+    );
+    let registry = token_registry(&tokens);
+    push_images(
+        &registry,
+        &ALICE,
+        "served-layout",
+        images::basic(),
+        "private/served",
+    );
+    let front = Proxy::start(&registry.addr);
+    let dir = scratch(&format!("service-auth-{}", rand_suffix()));
+    let file = auth_file(&dir, &front.addr, &BOB, false);
+    let server = Server::start_logging(
+        &front.addr,
+        &["--registry-auth-file", file.to_str().unwrap()],
+        "debug",
+    );
+    let url = format!("{}/squash/{}/private/served:v1", server.url, front.addr);
+    let squash = |args: &[&str]| {
+        let mut all = vec!["-f"];
+        all.extend_from_slice(args);
+        all.push(&url);
+        let (status, _, body) = curl(&all);
+        assert_eq!(status, 200, "{args:?}: {}", String::from_utf8_lossy(&body));
+        body
+    };
+    let new_requests = |since: usize| tokens.requests()[since..].to_vec();
+
+    // Anonymous: served with the service's credentials, which the token server sees.
+    let before = tokens.requests().len();
+    let anonymous = squash(&[]);
+    let asked = new_requests(before);
+    assert_eq!(asked.len(), 1, "{asked:?}");
+    assert_eq!(asked[0].authorization, Some(BOB.basic()), "{asked:?}");
+    assert_eq!(asked[0].status, 200);
+    let service_token = asked[0].token.clone().unwrap();
+    // Again: the service's cached token.
+    let (before, seen_before) = (tokens.requests().len(), front.requests("/v2/").len());
+    assert_eq!(squash(&[]), anonymous);
+    assert_eq!(new_requests(before).len(), 0, "a second service token");
+    for r in &front.requests("/v2/")[seen_before..] {
+        assert_eq!(r.authorization, Some(format!("Bearer {service_token}")));
+    }
+
+    // A caller's wrong credentials: a 401, with nothing of the service's tried instead.
+    let before = tokens.requests().len();
+    let v = json_error_curl(&["-u", &format!("{USER}:wrong"), &url], 401);
+    assert_eq!(v["error"]["code"], "UNAUTHORIZED", "{v}");
+    let asked = new_requests(before);
+    let who: Vec<_> = asked.iter().map(|r| r.authorization.clone()).collect();
+    assert_eq!(who, [Some(basic(USER, "wrong"))], "{asked:?}");
+
+    // A caller's right credentials: their own token, as without service credentials.
+    let before = tokens.requests().len();
+    let seen_before = front.requests("/v2/").len();
+    assert_eq!(squash(&["-u", &ALICE.creds()]), anonymous);
+    let asked = new_requests(before);
+    assert_eq!(asked.len(), 1, "{asked:?}");
+    assert_eq!(asked[0].authorization, Some(ALICE.basic()));
+    let alice_token = asked[0].token.clone().unwrap();
+    let alices = &front.requests("/v2/")[seen_before..];
+    assert!(
+        alices.iter().all(|r| r.authorization.is_none()
+            || r.authorization == Some(format!("Bearer {alice_token}"))),
+        "{alices:?}"
+    );
+
+    // Bob as a caller: the service's token is not his; he gets his own.
+    let before = tokens.requests().len();
+    squash(&["-u", &BOB.creds()]);
+    let asked = new_requests(before);
+    assert_eq!(
+        asked.len(),
+        1,
+        "the service's cached token served a caller: {asked:?}"
+    );
+    assert_ne!(asked[0].token.as_deref(), Some(service_token.as_str()));
+
+    let log = server.log.lock().unwrap().clone();
+    for secret in [BOB.password, &BOB.basic(), &service_token] {
+        assert!(!log.contains(secret), "a secret in the log: {log}");
+    }
+}
+
+/// `strata squash` without credentials of its own reads `$DOCKER_CONFIG/config.json`, as docker does;
+/// a file given with `--registry-auth-file` takes its place.
+#[test]
+fn the_cli_reads_the_docker_config() {
+    let _env = env();
+    let registry = basic_registry();
+    push_private(
+        &registry,
+        "cli-auth-layout",
+        vec![Layer::new().file("f", 0o600, b"private")],
+        "private/cli",
+    );
+    let alice = User {
+        actions: &[],
+        ..ALICE
+    };
+    let dir = scratch(&format!("cli-auth-{}", rand_suffix()));
+    let docker_config = dir.join("docker");
+    std::fs::create_dir_all(&docker_config).unwrap();
+    auth_file(&docker_config, &registry.addr, &alice, true);
+    let empty = dir.join("empty-home");
+    std::fs::create_dir_all(&empty).unwrap();
+    let out = dir.join("out.tar");
+    let squash = |envs: &[(&str, &Path)], extra: &[&str]| {
+        let mut cmd = strata();
+        cmd.args([
+            "squash",
+            "--no-cache",
+            "--insecure-registry",
+            &registry.addr,
+        ])
+        .arg(format!("{}/private/cli:v1", registry.addr))
+        .arg("-o")
+        .arg(&out)
+        .args(extra)
+        .env_remove("DOCKER_CONFIG")
+        .env("HOME", &empty);
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+
+    let none = squash(&[], &[]);
+    assert!(!none.status.success());
+    let stderr = String::from_utf8_lossy(&none.stderr);
+    assert!(stderr.contains("UNAUTHORIZED"), "{stderr}");
+
+    let from_config = squash(&[("DOCKER_CONFIG", &docker_config)], &[]);
+    assert!(
+        from_config.status.success(),
+        "{}",
+        String::from_utf8_lossy(&from_config.stderr)
+    );
+    let listing = listing(std::fs::File::open(&out).unwrap());
+    assert!(
+        listing.keys().any(|k| k.ends_with("layer.tar")),
+        "a docker archive: {listing:?}"
+    );
+
+    let file = docker_config.join("config.json");
+    let flag = squash(&[], &["--registry-auth-file", file.to_str().unwrap()]);
+    assert!(
+        flag.status.success(),
+        "{}",
+        String::from_utf8_lossy(&flag.stderr)
+    );
 }

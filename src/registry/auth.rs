@@ -1,5 +1,6 @@
 //! Registry authentication (distribution's token spec): the `WWW-Authenticate` challenge of a 401, the
-//! token request it asks for, and a small per-caller token cache.
+//! token request it asks for, and a small token cache kept per principal: each caller's credentials,
+//! the service's own, or none.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -62,22 +63,43 @@ pub fn parse_challenge(header: &str) -> Option<Challenge> {
     })
 }
 
-/// Who a token belongs to: a registry, a repository, and a hash of the caller's credentials, so a
-/// token one caller earned is never used for another.
+/// Bytes of a token response read at most: JWTs run to a few KiB, and a token endpoint that sends
+/// more is not one.
+pub const MAX_TOKEN_RESPONSE: u64 = 64 << 10;
+
+/// Whose credentials a request carries upstream.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Principal {
+    /// Nobody's: an anonymous caller, and no service credentials for the registry.
+    Anonymous,
+    /// The service's own (`--registry-auth-file`), standing in for an anonymous caller.
+    Service,
+    /// A caller's own, by the hash of their `Authorization` value.
+    Caller([u8; 32]),
+}
+
+impl Principal {
+    pub fn caller(authorization: &str) -> Principal {
+        Principal::Caller(Sha256::digest(authorization.as_bytes()).into())
+    }
+}
+
+/// Who a token belongs to: a registry, a repository, and the principal, so a token one caller earned
+/// is never used for another, and the service's never for a caller who sent credentials of their
+/// own (even the same ones).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct TokenKey {
     registry: String,
     repository: String,
-    caller: [u8; 32],
+    principal: Principal,
 }
 
 impl TokenKey {
-    pub fn new(registry: &str, repository: &str, credentials: Option<&str>) -> TokenKey {
-        let caller = Sha256::digest(credentials.unwrap_or("").as_bytes()).into();
+    pub fn new(registry: &str, repository: &str, principal: Principal) -> TokenKey {
         TokenKey {
             registry: registry.to_string(),
             repository: repository.to_string(),
-            caller,
+            principal,
         }
     }
 }
@@ -152,18 +174,41 @@ mod tests {
     #[test]
     fn tokens_are_per_caller() {
         let cache = TokenCache::default();
-        let a = TokenKey::new("r", "x", Some("Basic YTpi"));
-        let b = TokenKey::new("r", "x", Some("Basic YzpK"));
+        let a = TokenKey::new("r", "x", Principal::caller("Basic YTpi"));
+        let b = TokenKey::new("r", "x", Principal::caller("Basic YzpK"));
         cache.put(a.clone(), "ta".into(), Some(300));
         assert_eq!(cache.get(&a).as_deref(), Some("ta"));
         assert_eq!(cache.get(&b), None);
-        assert_eq!(cache.get(&TokenKey::new("r", "x", None)), None);
+        assert_eq!(
+            cache.get(&TokenKey::new("r", "x", Principal::Anonymous)),
+            None
+        );
+        assert_eq!(
+            cache.get(&TokenKey::new("r", "x", Principal::Service)),
+            None
+        );
+    }
+
+    #[test]
+    fn the_service_token_is_no_callers() {
+        let cache = TokenCache::default();
+        let service = TokenKey::new("r", "x", Principal::Service);
+        cache.put(service.clone(), "ts".into(), Some(300));
+        assert_eq!(cache.get(&service).as_deref(), Some("ts"));
+        assert_eq!(
+            cache.get(&TokenKey::new("r", "x", Principal::Anonymous)),
+            None
+        );
+        assert_eq!(
+            cache.get(&TokenKey::new("r", "x", Principal::caller("Basic YTpi"))),
+            None
+        );
     }
 
     #[test]
     fn an_endless_expires_in_does_not_panic() {
         let cache = TokenCache::default();
-        let key = TokenKey::new("r", "x", None);
+        let key = TokenKey::new("r", "x", Principal::Anonymous);
         cache.put(key.clone(), "t".into(), Some(u64::MAX));
         assert_eq!(cache.get(&key).as_deref(), Some("t"));
     }

@@ -1,23 +1,27 @@
 //! The distribution v2 client: manifests by tag or digest, blobs as verified byte streams, token and
-//! basic auth with the caller's own credentials. Blob redirects are followed by reqwest, which drops
-//! the `Authorization` header when a redirect leaves the registry's host.
+//! basic auth with the caller's own credentials, or the service's when the caller sends none. Blob
+//! redirects are followed by reqwest, which drops the `Authorization` header when a redirect leaves
+//! the registry's host. `transport` holds the HTTP side (TLS roots, timeouts, retries, bounded
+//! bodies).
 
 pub mod auth;
+pub mod service_auth;
+pub mod transport;
 
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use reqwest::header::{
-    HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, RETRY_AFTER, WWW_AUTHENTICATE,
-};
+use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, WWW_AUTHENTICATE};
 use reqwest::{Response, StatusCode};
 
 use crate::digest::Digest;
 use crate::limits::{LimitExceeded, DEFAULT_MAX_MANIFEST_BYTES};
 use crate::reference::Reference;
 use crate::source::{verify_stream, BlobStream, RawManifest};
-use auth::{parse_challenge, Challenge, TokenCache, TokenKey, TokenResponse};
+use auth::{parse_challenge, Challenge, Principal, TokenCache, TokenKey, TokenResponse};
+pub use service_auth::ServiceCredentials;
+use transport::{describe, read_limited, send_failure, send_retrying, BodyError};
 
 /// The caller's own `Authorization` header value (Basic), passed through upstream; never logged.
 #[derive(Clone, Default)]
@@ -38,19 +42,10 @@ pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
 application/vnd.docker.distribution.manifest.list.v2+json, \
 application/vnd.oci.image.manifest.v1+json, \
 application/vnd.docker.distribution.manifest.v2+json";
-/// A registry that does not answer a connection in this time is down.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Longest wait for response headers.
-const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
-/// Longest silence in the middle of a blob before it counts as stalled.
+/// Longest wait for a response's status and headers (not its body).
+pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest silence in the middle of a body before it counts as stalled.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// Retries of a request the registry answered with "later" or could not take: enough to ride out a
-/// rate limit's short window, few enough that a dead registry is reported within seconds.
-const RETRIES: u32 = 3;
-/// First pause between retries, doubled each time when the registry names none.
-const RETRY_BACKOFF: Duration = Duration::from_millis(250);
-/// The longest pause a `Retry-After` may impose on a caller who is waiting.
-const MAX_RETRY_WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -92,10 +87,16 @@ pub struct ClientConfig {
     /// `host[:port]` reached over plain HTTP.
     pub insecure: Vec<String>,
     pub user_agent: String,
-    /// How long a blob may send nothing before its transfer counts as failed.
+    /// How long a body may send nothing before its transfer counts as failed.
     pub idle_timeout: Duration,
+    /// How long a registry may take to send a response's status and headers.
+    pub response_timeout: Duration,
     /// Longest manifest or index read.
     pub max_manifest_bytes: u64,
+    /// CAs trusted besides the compiled-in roots and the system store (`--registry-ca`).
+    pub ca_certificates: Vec<reqwest::Certificate>,
+    /// Used for callers who send no credentials of their own.
+    pub service_credentials: ServiceCredentials,
 }
 
 impl Default for ClientConfig {
@@ -104,7 +105,10 @@ impl Default for ClientConfig {
             insecure: Vec::new(),
             user_agent: format!("strata/{}", env!("CARGO_PKG_VERSION")),
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            response_timeout: DEFAULT_RESPONSE_TIMEOUT,
             max_manifest_bytes: DEFAULT_MAX_MANIFEST_BYTES,
+            ca_certificates: Vec::new(),
+            service_credentials: ServiceCredentials::default(),
         }
     }
 }
@@ -114,52 +118,26 @@ pub struct Client {
     insecure: Vec<String>,
     tokens: TokenCache,
     idle_timeout: Duration,
+    response_timeout: Duration,
     max_manifest_bytes: u64,
-}
-
-/// The registry's error body: `{"errors":[{"code":…,"message":…}]}`.
-#[derive(serde::Deserialize)]
-struct ErrorBody {
-    errors: Vec<ErrorEntry>,
-}
-#[derive(serde::Deserialize)]
-struct ErrorEntry {
-    code: Option<String>,
-    message: Option<String>,
-}
-
-async fn describe(url: &str, resp: Response) -> String {
-    let status = resp.status();
-    let body = resp.bytes().await.unwrap_or_default();
-    let detail = serde_json::from_slice::<ErrorBody>(&body)
-        .ok()
-        .and_then(|b| b.errors.into_iter().next())
-        .map(|e| {
-            format!(
-                ": {} {}",
-                e.code.unwrap_or_default(),
-                e.message.unwrap_or_default()
-            )
-        })
-        .unwrap_or_default();
-    format!("{url}: {status}{detail}")
+    service_credentials: ServiceCredentials,
 }
 
 impl Client {
-    pub fn new(config: ClientConfig) -> Client {
-        let http = reqwest::Client::builder()
-            .user_agent(config.user_agent)
-            .connect_timeout(CONNECT_TIMEOUT)
-            .redirect(reqwest::redirect::Policy::limited(5))
-            .build()
-            .expect("TLS backend initialises");
-        Client {
+    pub fn new(config: ClientConfig) -> Result<Client, RegistryError> {
+        let http = transport::build(transport::HttpSettings {
+            user_agent: &config.user_agent,
+            ca_certificates: &config.ca_certificates,
+        })?;
+        Ok(Client {
             http,
             insecure: config.insecure,
             tokens: TokenCache::default(),
             idle_timeout: config.idle_timeout,
+            response_timeout: config.response_timeout,
             max_manifest_bytes: config.max_manifest_bytes,
-        }
+            service_credentials: config.service_credentials,
+        })
     }
 
     fn url(&self, reference: &Reference, path: &str) -> String {
@@ -175,6 +153,23 @@ impl Client {
         )
     }
 
+    /// The credentials a request for `reference` carries, and whose they are: the caller's when they
+    /// sent any (right or wrong: never replaced by the service's), else the service's for that
+    /// registry, else none.
+    fn principal(
+        &self,
+        reference: &Reference,
+        caller: &Credentials,
+    ) -> (Option<String>, Principal) {
+        match &caller.0 {
+            Some(c) => (Some(c.clone()), Principal::caller(c)),
+            None => match self.service_credentials.for_registry(&reference.registry) {
+                Some(s) => (Some(s.to_string()), Principal::Service),
+                None => (None, Principal::Anonymous),
+            },
+        }
+    }
+
     /// GET with auth: a cached token first; on 401, the challenge's token flow or basic auth.
     async fn get(
         &self,
@@ -184,11 +179,8 @@ impl Client {
         credentials: &Credentials,
     ) -> Result<(String, Response), RegistryError> {
         let url = self.url(reference, path);
-        let key = TokenKey::new(
-            &reference.registry,
-            &reference.repository,
-            credentials.0.as_deref(),
-        );
+        let (credentials, principal) = self.principal(reference, credentials);
+        let key = TokenKey::new(&reference.registry, &reference.repository, principal);
         let mut auth = self.tokens.get(&key).map(|t| format!("Bearer {t}"));
         for attempt in 0..2 {
             let mut headers = HeaderMap::new();
@@ -203,7 +195,7 @@ impl Client {
                     .map_err(|_| RegistryError::Unauthorized("malformed credentials".into()))?;
                 headers.insert(AUTHORIZATION, value);
             }
-            let resp = self.send_retrying(&url, headers).await?;
+            let resp = send_retrying(&self.http, &url, headers, self.response_timeout).await?;
             let status = resp.status();
             if status == StatusCode::UNAUTHORIZED && attempt == 0 {
                 let challenge = resp
@@ -220,117 +212,99 @@ impl Client {
                         let scope = scope
                             .unwrap_or_else(|| format!("repository:{}:pull", reference.repository));
                         let token = self
-                            .token(&realm, service.as_deref(), &scope, credentials)
+                            .token(&realm, service.as_deref(), &scope, credentials.as_deref())
                             .await?;
                         self.tokens.put(key.clone(), token.0.clone(), token.1);
                         Some(format!("Bearer {}", token.0))
                     }
-                    Some(Challenge::Basic) if credentials.0.is_some() => credentials.0.clone(),
-                    _ => return Err(RegistryError::Unauthorized(describe(&url, resp).await)),
+                    Some(Challenge::Basic) if credentials.is_some() => credentials.clone(),
+                    _ => return Err(RegistryError::Unauthorized(self.describe(&url, resp).await)),
                 };
                 continue;
             }
             return match status {
                 s if s.is_success() => Ok((url, resp)),
                 StatusCode::UNAUTHORIZED => {
-                    Err(RegistryError::Unauthorized(describe(&url, resp).await))
+                    Err(RegistryError::Unauthorized(self.describe(&url, resp).await))
                 }
-                StatusCode::FORBIDDEN => Err(RegistryError::Denied(describe(&url, resp).await)),
-                StatusCode::NOT_FOUND => Err(RegistryError::NotFound(describe(&url, resp).await)),
-                _ => Err(RegistryError::Upstream(describe(&url, resp).await)),
+                StatusCode::FORBIDDEN => {
+                    Err(RegistryError::Denied(self.describe(&url, resp).await))
+                }
+                StatusCode::NOT_FOUND => {
+                    Err(RegistryError::NotFound(self.describe(&url, resp).await))
+                }
+                _ => Err(RegistryError::Upstream(self.describe(&url, resp).await)),
             };
         }
         unreachable!("the loop returns on its second attempt")
     }
 
-    /// Sends a GET; sends it again after a pause when the registry says "later" (429, 502, 503, 504)
-    /// or cannot be reached, at most [`RETRIES`] more times, waiting what `Retry-After` asks (capped at
-    /// [`MAX_RETRY_WAIT`]) or a doubling backoff. The last answer, good or bad, is the caller's.
-    async fn send_retrying(
-        &self,
-        url: &str,
-        headers: HeaderMap,
-    ) -> Result<Response, RegistryError> {
-        let mut attempt = 0;
-        loop {
-            let result = self
-                .http
-                .get(url)
-                .headers(headers.clone())
-                .timeout(RESPONSE_TIMEOUT)
-                .send()
-                .await;
-            let backoff = RETRY_BACKOFF * 2u32.pow(attempt);
-            let wait = match &result {
-                Ok(r) if matches!(r.status().as_u16(), 429 | 502 | 503 | 504) => Some(
-                    r.headers()
-                        .get(RETRY_AFTER)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.trim().parse().ok())
-                        .map_or(backoff, Duration::from_secs),
-                ),
-                Err(e) if e.is_connect() || e.is_timeout() => Some(backoff),
-                _ => None,
-            };
-            match wait {
-                Some(wait) if attempt < RETRIES => {
-                    tracing::debug!(url, attempt, "registry busy or unreachable; retrying");
-                    tokio::time::sleep(wait.min(MAX_RETRY_WAIT)).await;
-                    attempt += 1;
-                }
-                _ => {
-                    return result.map_err(|e| {
-                        RegistryError::Upstream(format!("{url}: {}", error_chain(&e)))
-                    })
-                }
-            }
-        }
+    async fn describe(&self, url: &str, resp: Response) -> String {
+        describe(url, resp, self.response_timeout).await
     }
 
+    /// A token from `realm` for `scope`, asked for with `credentials` (Basic) when there are any. The
+    /// response is read up to [`auth::MAX_TOKEN_RESPONSE`] bytes, within the response timeout.
     async fn token(
         &self,
         realm: &str,
         service: Option<&str>,
         scope: &str,
-        credentials: &Credentials,
+        credentials: Option<&str>,
     ) -> Result<(String, Option<u64>), RegistryError> {
         let mut query = vec![("scope", scope)];
         if let Some(s) = service {
             query.push(("service", s));
         }
-        let mut req = self.http.get(realm).query(&query).timeout(RESPONSE_TIMEOUT);
-        if let Some(c) = &credentials.0 {
-            req = req.header(AUTHORIZATION, c.as_str());
+        let mut req = self.http.get(realm).query(&query);
+        if let Some(c) = credentials {
+            req = req.header(AUTHORIZATION, c);
         }
-        let resp = req.send().await.map_err(|e| {
-            RegistryError::Upstream(format!("token endpoint {realm}: {}", error_chain(&e)))
-        })?;
+        let upstream = |detail: String| RegistryError::Upstream(format!("token endpoint {detail}"));
+        let resp = tokio::time::timeout(self.response_timeout, req.send())
+            .await
+            .map_err(|_| {
+                upstream(format!(
+                    "{realm}: no response headers within {}s",
+                    self.response_timeout.as_secs()
+                ))
+            })?
+            .map_err(|e| upstream(send_failure(realm, &e)))?;
         match resp.status() {
             s if s.is_success() => {}
             StatusCode::UNAUTHORIZED => {
-                return Err(RegistryError::Unauthorized(describe(realm, resp).await))
+                return Err(RegistryError::Unauthorized(
+                    self.describe(realm, resp).await,
+                ))
             }
             StatusCode::FORBIDDEN => {
-                return Err(RegistryError::Denied(describe(realm, resp).await))
+                return Err(RegistryError::Denied(self.describe(realm, resp).await))
             }
-            _ => {
-                return Err(RegistryError::Upstream(format!(
-                    "token endpoint {}",
-                    describe(realm, resp).await
+            _ => return Err(upstream(self.describe(realm, resp).await)),
+        }
+        let read = read_limited(resp, auth::MAX_TOKEN_RESPONSE, self.idle_timeout);
+        let body = match tokio::time::timeout(self.response_timeout, read).await {
+            Ok(Ok(body)) => body,
+            Ok(Err(BodyError::TooLarge(_))) => {
+                return Err(upstream(format!(
+                    "{realm}: response larger than {} KiB",
+                    auth::MAX_TOKEN_RESPONSE >> 10
                 )))
             }
-        }
-        let body = resp
-            .bytes()
-            .await
-            .map_err(|e| RegistryError::Upstream(format!("token endpoint {realm}: {e}")))?;
-        let body: TokenResponse = serde_json::from_slice(&body).map_err(|e| {
-            RegistryError::Upstream(format!("token endpoint {realm}: bad response: {e}"))
-        })?;
+            Ok(Err(e)) => return Err(upstream(format!("{realm}: {e}"))),
+            Err(_) => {
+                return Err(upstream(format!(
+                    "{realm}: response not complete within {}s",
+                    self.response_timeout.as_secs()
+                )))
+            }
+        };
+        let body: TokenResponse = serde_json::from_slice(&body)
+            .map_err(|e| upstream(format!("{realm}: bad response: {e}")))?;
         let token = body
             .token
             .or(body.access_token)
-            .ok_or_else(|| RegistryError::Upstream(format!("token endpoint {realm}: no token")))?;
+            .ok_or_else(|| upstream(format!("{realm}: no token")))?;
         Ok((token, body.expires_in))
     }
 
@@ -361,16 +335,11 @@ impl Client {
             .get("docker-content-digest")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| Digest::parse(v).ok());
-        let mut body = Vec::new();
-        let mut stream = resp.bytes_stream();
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk
-                .map_err(|e| RegistryError::Upstream(format!("{url}: {}", error_chain(&e))))?;
-            if (body.len() + chunk.len()) as u64 > self.max_manifest_bytes {
-                return Err(manifest_too_large(url, self.max_manifest_bytes));
-            }
-            body.extend_from_slice(&chunk);
-        }
+        let body = match read_limited(resp, self.max_manifest_bytes, self.idle_timeout).await {
+            Ok(body) => body,
+            Err(BodyError::TooLarge(limit)) => return Err(manifest_too_large(url, limit)),
+            Err(e) => return Err(RegistryError::Upstream(format!("{url}: {e}"))),
+        };
         let digest = Digest::of(&body);
         let expected = Digest::parse(tag_or_digest).ok().or(announced);
         if let Some(expected) = expected {

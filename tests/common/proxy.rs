@@ -24,6 +24,9 @@ pub enum Fault {
     Status(u16),
     /// Answer `401` with a bearer challenge whose token endpoint (realm) is this URL.
     Challenge(String),
+    /// Answer with this status and a body of this many bytes (no `Content-Length`: it ends when the
+    /// connection does) that starts with this text and goes on with `x`, instead of asking the registry.
+    HugeBody(u16, &'static str, u64),
     /// Answer `307` to the same path on this other host (`host:port`), as registries backed by object
     /// storage do for blobs.
     Redirect(String),
@@ -248,6 +251,7 @@ fn forward(
             let _ = client.write_all(resp.as_bytes());
             return (0, Outcome::Cut);
         }
+        Some(Fault::HugeBody(code, start, len)) => return huge_body(client, *code, start, *len),
         Some(Fault::Stall(d)) => std::thread::sleep(*d),
         _ => {}
     }
@@ -301,4 +305,27 @@ fn forward(
             }
         }
     }
+}
+
+/// Sends a `status` response whose body is `len` bytes: `start`, then `x`s, until the client stops
+/// reading.
+fn huge_body(client: &mut TcpStream, status: u16, start: &str, len: u64) -> (u64, Outcome) {
+    let head = format!(
+        "HTTP/1.1 {status} Injected\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n"
+    );
+    if client.write_all(head.as_bytes()).is_err() {
+        return (0, Outcome::ClientGone);
+    }
+    let mut chunk = vec![b'x'; COPY_BUF];
+    chunk[..start.len()].copy_from_slice(start.as_bytes());
+    let mut sent = 0u64;
+    while sent < len {
+        let n = (len - sent).min(COPY_BUF as u64) as usize;
+        if client.write_all(&chunk[..n]).is_err() {
+            return (sent, Outcome::ClientGone);
+        }
+        sent += n as u64;
+        chunk[..start.len()].fill(b'x');
+    }
+    (sent, Outcome::Complete)
 }
