@@ -100,7 +100,7 @@ pub enum Command {
         #[arg(long, default_value = "strata ACI signing key")]
         user_id: String,
         /// Key algorithm.
-        #[arg(long, value_enum, default_value_t = crate::sign::KeyKind::EcdsaP256)]
+        #[arg(long, value_enum, default_value_t = crate::sign::KeyKind::Rsa3072)]
         algorithm: crate::sign::KeyKind,
     },
     /// Write a small generated image as an OCI layout, to try strata without a registry.

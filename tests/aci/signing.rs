@@ -39,10 +39,21 @@ fn signature_flow_as_rkt_does_it() {
     let sig_file = aci.with_extension("aci.asc");
     std::fs::write(&sig_file, &sig).unwrap();
 
-    // The key as served equals the one keygen wrote.
+    // The key as served equals the one keygen wrote, and is one rkt trusts: its verifier takes RSA
+    // and DSA primary keys only (an ECDSA one fails `rkt trust`).
     let (status, _, served_key) = curl(&[&format!("{}/aci-signing-key", s.server.url)]);
     assert_eq!(status, 200);
     assert_eq!(served_key, std::fs::read(&s.public_key).unwrap());
+    let key_packets = String::from_utf8_lossy(&run(Command::new("gpg")
+        .args(["--batch", "--list-packets"])
+        .arg(&s.public_key)))
+    .into_owned();
+    let primary = key_packets
+        .split(":public key packet:")
+        .nth(1)
+        .and_then(|p| p.lines().nth(1))
+        .unwrap_or_else(|| panic!("{key_packets}"));
+    assert!(primary.contains("algo 1,"), "not an RSA key: {primary}");
 
     assert!(gpg_verifies(&s.public_key, &sig_file, &aci), "gpg --verify");
     assert!(sqv_verifies(&s.public_key, &sig_file, &aci), "sqv");

@@ -2,25 +2,6 @@
 
 use super::*;
 
-/// What a container's export holds that its image does not (`/.dockerenv`, `/etc/hosts`, …), learned
-/// from an image of one file.
-fn docker_additions(env: &Env) -> &'static BTreeMap<String, String> {
-    static ADDED: OnceLock<BTreeMap<String, String>> = OnceLock::new();
-    ADDED.get_or_init(|| {
-        let r = publish(
-            env,
-            "aci-one-file",
-            vec![Image::new(vec![(
-                Layer::new().file("only", 0o644, b"x"),
-                Comp::Gzip,
-            )])],
-        );
-        let mut listing = oracle(&r);
-        assert!(listing.remove("only").is_some());
-        listing
-    })
-}
-
 /// The ACI of `images`, pushed as `fixtures/<name>:v1`: valid for actool, named and labelled as asked,
 /// its `rootfs/` exactly the file system `docker pull` gives.
 fn check_against_docker_pull(env: &Env, name: &'static str) -> PathBuf {
@@ -56,21 +37,8 @@ fn check_against_twin(env: &Env, name: &'static str, twin: &str) -> PathBuf {
     let unique: std::collections::BTreeSet<&String> = names.iter().collect();
     assert_eq!(unique.len(), names.len(), "duplicate entries");
 
-    let mut want = oracle(twin);
     let got = listing_under(std::fs::File::open(&file).unwrap(), "rootfs/");
-    for (path, line) in docker_additions(env) {
-        if !got.contains_key(path) && want.get(path) == Some(line) {
-            want.remove(path);
-        }
-    }
-    // Docker's vfs driver drops xattrs on the way to `docker export`; the ACI keeps them (checked on
-    // their own where a fixture has them).
-    let blind = |l: &BTreeMap<String, String>| -> BTreeMap<String, String> {
-        l.iter()
-            .map(|(p, line)| (p.clone(), line[..line.rfind(" [").unwrap()].to_string()))
-            .collect()
-    };
-    assert_same(&blind(&want), &blind(&got), &format!("ACI of {repo}"));
+    assert_same_as_docker_pull(env, twin, &got, &format!("ACI of {repo}"));
     file
 }
 
