@@ -91,7 +91,7 @@ pub enum Command {
         #[command(flatten)]
         source: SourceArgs,
     },
-    /// Write a new OpenPGP signing key (ECDSA P-256 or RSA, v4, as rkt verifies) for ACI signatures.
+    /// Write a new OpenPGP signing key (RSA, v4: what rkt trusts) for ACI signatures.
     Keygen {
         /// Secret key file (armored); the public key goes to FILE.pub.
         #[arg(short, long)]
