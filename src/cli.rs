@@ -99,7 +99,7 @@ pub enum Command {
         #[command(flatten)]
         source: SourceArgs,
     },
-    /// Write a new OpenPGP signing key (ECDSA P-256 or RSA, v4, as rkt verifies) for ACI signatures.
+    /// Write a new OpenPGP signing key (RSA, v4: what rkt trusts) for ACI signatures.
     Keygen {
         /// Secret key file (armored); the public key goes to FILE.pub.
         #[arg(short, long)]
@@ -108,7 +108,7 @@ pub enum Command {
         #[arg(long, default_value = "strata ACI signing key")]
         user_id: String,
         /// Key algorithm.
-        #[arg(long, value_enum, default_value_t = crate::sign::KeyKind::EcdsaP256)]
+        #[arg(long, value_enum, default_value_t = crate::sign::KeyKind::Rsa3072)]
         algorithm: crate::sign::KeyKind,
     },
     /// Write a small generated image as an OCI layout, to try strata without a registry.

@@ -32,6 +32,11 @@ fn base_url<B>(req: &Request<B>, settings: &ServerSettings) -> Option<String> {
     Some(format!("{scheme}://{host}"))
 }
 
+/// The file name of the discovered URLs, before `.{ext}` (`aci` or `aci.asc`). A file name, as rkt
+/// wants of a URL given by hand, so discovered URLs can be used that way too; a fixed one, because
+/// `{name}` holds slashes and `{version}` may too, and the ACI's own name is in the path already.
+const ACI_FILE_STEM: &str = "image";
+
 pub fn page<B>(req: &Request<B>, settings: &ServerSettings) -> http::Response<Body> {
     let Some(prefix) = &settings.public_name else {
         return json_error(
@@ -45,7 +50,7 @@ pub fn page<B>(req: &Request<B>, settings: &ServerSettings) -> http::Response<Bo
     };
     let html = format!(
         "<!DOCTYPE html>\n<html>\n<head>\n\
-         <meta name=\"ac-discovery\" content=\"{prefix} {base}/c1/aci/{{name}}/{{version}}/{{ext}}/{{os}}/{{arch}}/\">\n\
+         <meta name=\"ac-discovery\" content=\"{prefix} {base}/c1/aci/{{name}}/{{version}}/aci/{{os}}/{{arch}}/{ACI_FILE_STEM}.{{ext}}\">\n\
          <meta name=\"ac-discovery-pubkeys\" content=\"{prefix} {base}/aci-signing-key\">\n\
          </head>\n<body></body>\n</html>\n"
     );

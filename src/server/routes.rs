@@ -18,7 +18,8 @@ pub enum Route {
     Stats,
 }
 
-/// `/c1/aci/<server>/<repository...>/<tag>/{aci,aci.asc}/<os>/<arch>/`
+/// `/c1/aci/<server>/<repository...>/<tag>/{aci,aci.asc,sig}/<os>/<arch>/`, or
+/// `…/aci/<os>/<arch>/<file>.aci` and `….aci.asc`
 #[derive(Debug, PartialEq, Eq)]
 pub struct AciRoute {
     /// The name prefix discovery put there (the service's public name).
@@ -29,7 +30,8 @@ pub struct AciRoute {
     /// appc spellings.
     pub os: String,
     pub arch: String,
-    /// `aci.asc`: the detached signature.
+    /// `aci.asc` (Quay also spells it `sig`), or a file name ending `.aci.asc`: the detached
+    /// signature.
     pub signature: bool,
 }
 
@@ -48,21 +50,46 @@ fn decode(s: &str) -> Result<String, RouteError> {
         .map_err(|_| RouteError::BadRequest("path is not UTF-8".into()))
 }
 
+/// What a trailing file name asks for: rkt takes an http(s) URL only when its path ends in `.aci`,
+/// and asks for the signature at the same path with `.aci.asc` (`rkt/image/common.go`,
+/// `ascPathFromImgPath`). `None`: no file name.
+fn file_name_kind(segment: &str) -> Option<bool> {
+    if segment.ends_with(".aci.asc") {
+        Some(true)
+    } else if segment.ends_with(".aci") {
+        Some(false)
+    } else {
+        None
+    }
+}
+
 fn aci(rest: &str) -> Result<AciRoute, RouteError> {
     let usage = || {
         RouteError::BadRequest(
-            "expected /c1/aci/<server>/<repository>/<tag>/aci[.asc]/<os>/<arch>/".into(),
+            "expected /c1/aci/<server>/<repository>/<tag>/aci[.asc]/<os>/<arch>/ or \
+             /c1/aci/<server>/<repository>/<tag>/aci/<os>/<arch>/<file>.aci[.asc]"
+                .into(),
         )
     };
     let mut parts: Vec<&str> = rest.strip_suffix('/').unwrap_or(rest).split('/').collect();
+    let named = match parts.last() {
+        Some(last) if !rest.ends_with('/') => file_name_kind(last),
+        _ => None,
+    };
+    if named.is_some() {
+        parts.pop();
+    }
     if parts.len() < 6 || parts.iter().any(|p| p.is_empty()) {
         return Err(usage());
     }
     let arch = parts.pop().expect("six parts");
     let os = parts.pop().expect("five parts");
-    let signature = match parts.pop().expect("four parts") {
-        "aci" => false,
-        "aci.asc" => true,
+    // With a file name, its ending says which; under `aci.asc/` a `.aci` would send rkt to
+    // `….aci.asc` there, so only `aci/` takes one.
+    let signature = match (parts.pop().expect("four parts"), named) {
+        ("aci", None) => false,
+        ("aci.asc" | "sig", None) => true,
+        ("aci", Some(signature)) => signature,
         _ => return Err(usage()),
     };
     let tag = parts.pop().expect("three parts");
@@ -206,6 +233,54 @@ mod tests {
                 })),
             ),
             ("/debug/stats", Ok(Route::Stats)),
+            // rkt takes an http(s) URL only when its path ends in `.aci`, and asks for the
+            // signature at the same path ending in `.aci.asc`.
+            (
+                "/c1/aci/example.com/ns/app/1.0/aci/linux/amd64/app-1.0.aci",
+                Ok(Route::Aci(AciRoute {
+                    server: "example.com".into(),
+                    repository: "ns/app".into(),
+                    tag: "1.0".into(),
+                    os: "linux".into(),
+                    arch: "amd64".into(),
+                    signature: false,
+                })),
+            ),
+            (
+                "/c1/aci/example.com/ns/app/1.0/aci/linux/amd64/app-1.0.aci.asc",
+                Ok(Route::Aci(AciRoute {
+                    server: "example.com".into(),
+                    repository: "ns/app".into(),
+                    tag: "1.0".into(),
+                    os: "linux".into(),
+                    arch: "amd64".into(),
+                    signature: true,
+                })),
+            ),
+            // Any file name: only its ending counts.
+            (
+                "/c1/aci/example.com/ns/team/app/v2/aci/linux/aarch64/image.v2.aci",
+                Ok(Route::Aci(AciRoute {
+                    server: "example.com".into(),
+                    repository: "ns/team/app".into(),
+                    tag: "v2".into(),
+                    os: "linux".into(),
+                    arch: "aarch64".into(),
+                    signature: false,
+                })),
+            ),
+            // Quay's other spelling of the signature route.
+            (
+                "/c1/aci/example.com/ns/app/1.0/sig/linux/amd64/",
+                Ok(Route::Aci(AciRoute {
+                    server: "example.com".into(),
+                    repository: "ns/app".into(),
+                    tag: "1.0".into(),
+                    os: "linux".into(),
+                    arch: "amd64".into(),
+                    signature: true,
+                })),
+            ),
             (
                 "/squash/",
                 Err(RouteError::BadRequest("missing image reference".into())),
@@ -223,6 +298,12 @@ mod tests {
             "/c1/aci/example.com/1.0/aci/linux/amd64/",
             "/c1/aci/example.com/ns/app/1.0/tar/linux/amd64/",
             "/c1/aci/example.com/ns//app/1.0/aci/linux/amd64/",
+            // A file name that is neither, one after a trailing slash, or one under the
+            // signature route (whose `.aci` would make rkt ask for `….aci.asc` there).
+            "/c1/aci/example.com/ns/app/1.0/aci/linux/amd64/app.tar",
+            "/c1/aci/example.com/ns/app/1.0/aci/linux/amd64/app.aci/",
+            "/c1/aci/example.com/ns/app/1.0/aci.asc/linux/amd64/app.aci",
+            "/c1/aci/example.com/1.0/aci/linux/amd64/app.aci",
         ] {
             assert!(
                 matches!(route(bad), Err(RouteError::BadRequest(_))),

@@ -1,6 +1,8 @@
-//! OpenPGP detached signatures of ACIs (rPGP, pure Rust). rkt verifies with Go's `x/crypto/openpgp`,
-//! which takes v4 signatures from RSA, DSA or ECDSA keys only: keys are v4, ECDSA P-256 by default,
-//! and other algorithms are refused when the key is loaded. The signature is computed from the bytes
+//! OpenPGP detached signatures of ACIs (rPGP, pure Rust). rkt verifies with the Go
+//! `x/crypto/openpgp` it vendors (every release, 1.30 the last), which takes v4 keys whose primary
+//! key is RSA or DSA only: it parses ECDSA but refuses it as a primary key when the key is trusted
+//! ("primary key cannot be used for signatures"). So keys are v4 RSA, and others are refused when
+//! the key is loaded. The signature is computed from the bytes
 //! as they stream ([`Signer::sign_stream`]) and kept in [`Signatures`].
 
 mod store;
@@ -13,10 +15,9 @@ use pgp::composed::{
     ArmorOptions, Deserializable, DetachedSignature, KeyType, SecretKeyParamsBuilder,
     SignedPublicKey, SignedSecretKey,
 };
-use pgp::crypto::ecc_curve::ECCCurve;
 use pgp::crypto::hash::HashAlgorithm;
 use pgp::packet::{SignatureConfig, SignatureType, Subpacket, SubpacketData};
-use pgp::types::{EcdsaPublicParams, KeyDetails, KeyVersion, Password, PublicParams, Timestamp};
+use pgp::types::{KeyDetails, KeyVersion, Password, PublicParams, Timestamp};
 
 pub use store::{InFlight, Signatures};
 
@@ -26,7 +27,10 @@ pub enum SignError {
     Pgp(String),
     #[error("the key must be an OpenPGP v4 key (rkt verifies no other)")]
     NotV4,
-    #[error("the key is {0}; rkt verifies RSA and ECDSA P-256 keys only")]
+    #[error(
+        "the key is {0}; rkt trusts RSA (and DSA) primary keys only, so strata signs with RSA \
+         (`strata keygen`)"
+    )]
     Algorithm(String),
     #[error(
         "the key cannot sign without a passphrase; strata takes unprotected keys (`strata keygen`)"
@@ -39,13 +43,13 @@ fn pgp_error(e: impl std::fmt::Display) -> SignError {
     SignError::Pgp(e.to_string())
 }
 
-/// Key algorithms `strata keygen` makes.
+/// Key algorithms `strata keygen` makes: RSA, the one rkt trusts and rPGP signs with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum KeyKind {
-    /// ECDSA over NIST P-256: small and fast.
-    EcdsaP256,
-    /// RSA 3072.
+    /// RSA 3072 (NIST's equivalent of 128-bit security).
     Rsa3072,
+    /// RSA 4096.
+    Rsa4096,
 }
 
 /// A new key pair, armored.
@@ -58,8 +62,8 @@ pub struct GeneratedKey {
 /// Generates a v4 signing key with a self-signed user id, unprotected.
 pub fn generate(kind: KeyKind, user_id: &str) -> Result<GeneratedKey, SignError> {
     let key_type = match kind {
-        KeyKind::EcdsaP256 => KeyType::ECDSA(ECCCurve::P256),
         KeyKind::Rsa3072 => KeyType::Rsa(3072),
+        KeyKind::Rsa4096 => KeyType::Rsa(4096),
     };
     let params = SecretKeyParamsBuilder::default()
         .version(KeyVersion::V4)
@@ -113,7 +117,7 @@ impl Signer {
             return Err(SignError::NotV4);
         }
         match primary.public_params() {
-            PublicParams::RSA(_) | PublicParams::ECDSA(EcdsaPublicParams::P256 { .. }) => {}
+            PublicParams::RSA(_) => {}
             _ => return Err(SignError::Algorithm(format!("{:?}", primary.algorithm()))),
         }
         let public: SignedPublicKey = key.to_public_key();
@@ -193,6 +197,7 @@ impl Signer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pgp::crypto::ecc_curve::ECCCurve;
 
     fn verify(public: &str, data: &[u8], armored_sig: &[u8]) -> bool {
         let (public, _) = SignedPublicKey::from_armor_single(io::Cursor::new(public)).unwrap();
@@ -202,7 +207,7 @@ mod tests {
 
     #[test]
     fn generate_load_sign_stream_verify() {
-        let key = generate(KeyKind::EcdsaP256, "test <t@localhost>").unwrap();
+        let key = generate(KeyKind::Rsa3072, "test <t@localhost>").unwrap();
         assert!(key
             .secret
             .starts_with("-----BEGIN PGP PRIVATE KEY BLOCK-----"));
@@ -225,6 +230,26 @@ mod tests {
         let mut tampered = data.clone();
         tampered[1000] ^= 1;
         assert!(!verify(&key.public, &tampered, &sig));
+    }
+
+    /// rkt's verifier (the `x/crypto/openpgp` rkt 1.30 vendors) refuses an ECDSA primary key when
+    /// it is trusted ("primary key cannot be used for signatures"): such a key signs for nobody.
+    #[test]
+    fn refuses_an_ecdsa_key() {
+        let params = SecretKeyParamsBuilder::default()
+            .version(KeyVersion::V4)
+            .key_type(KeyType::ECDSA(ECCCurve::P256))
+            .can_certify(true)
+            .can_sign(true)
+            .primary_user_id("ecdsa <e@localhost>".into())
+            .build()
+            .unwrap();
+        let key = params.generate(rand::thread_rng()).unwrap();
+        let armored = key.to_armored_string(ArmorOptions::default()).unwrap();
+        match Signer::from_armored(&armored) {
+            Err(e @ SignError::Algorithm(_)) => assert!(e.to_string().contains("RSA"), "{e}"),
+            other => panic!("an ECDSA key was taken: {other:?}"),
+        }
     }
 
     #[test]
