@@ -33,11 +33,15 @@ impl std::fmt::Debug for Credentials {
     }
 }
 
-/// Every manifest type strata reads (FORMATS.md §4).
+/// Every manifest type strata reads (FORMATS.md §4), schema 1 last and least preferred: a registry
+/// that has a schema 2 manifest then serves it, where one asked for schema 1 only would convert it
+/// to schema 1 (distribution does, for a client that does not name schema 2).
 pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
 application/vnd.docker.distribution.manifest.list.v2+json, \
 application/vnd.oci.image.manifest.v1+json, \
-application/vnd.docker.distribution.manifest.v2+json";
+application/vnd.docker.distribution.manifest.v2+json, \
+application/vnd.docker.distribution.manifest.v1+prettyjws;q=0.5, \
+application/vnd.docker.distribution.manifest.v1+json;q=0.5";
 /// A registry that does not answer a connection in this time is down.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest wait for response headers.
@@ -371,8 +375,15 @@ impl Client {
             }
             body.extend_from_slice(&chunk);
         }
-        let digest = Digest::of(&body);
+        // A signed schema 1 manifest is known by the digest of its payload, without the signatures.
+        let payload = crate::manifest::schema1::signed_payload(&body)
+            .map_err(|e| RegistryError::Invalid(format!("{url}: {e}")))?;
+        let content = payload.as_deref().unwrap_or(&body);
         let expected = Digest::parse(tag_or_digest).ok().or(announced);
+        let digest = match &expected {
+            Some(e) => Digest::of_with(e.algorithm(), content),
+            None => Digest::of(content),
+        };
         if let Some(expected) = expected {
             if expected != digest {
                 return Err(RegistryError::Upstream(format!(
