@@ -73,7 +73,7 @@ pub fn signed_payload(bytes: &[u8]) -> Result<Option<Vec<u8>>, Schema1Error> {
     let Ok(Value::Object(body)) = serde_json::from_slice::<Value>(bytes) else {
         return Ok(None);
     };
-    if !is_schema1(&Value::Object(body.clone())) {
+    if body.get("schemaVersion").and_then(Value::as_u64) != Some(1) {
         return Ok(None);
     }
     let Some(signatures) = body.get(SIGNATURES_KEY) else {
