@@ -51,7 +51,7 @@ pub fn reference(data: &[u8]) {
 }
 
 /// Registry JSON: the same bytes read as a manifest endpoint's answer (index or not), as an image
-/// manifest, and as an image config.
+/// manifest, as an image config, and as a schema 1 manifest.
 pub fn manifest(data: &[u8]) {
     let r = Reference::parse("fuzz/manifest", DOCKER_HUB).expect("a valid reference");
     let limits = Limits::default();
@@ -77,6 +77,12 @@ pub fn manifest(data: &[u8]) {
     };
     if let Ok((config, _platform)) = manifest::parse_config(&r, data, layers) {
         assert!(config.is_object());
+    }
+    // As a schema 1 manifest: its signed payload (never longer than the bytes and their tail), and
+    // the image docker would make of it.
+    let payload = manifest::schema1::signed_payload(data).ok().flatten();
+    if let Ok(image) = manifest::schema1::parse(payload.as_deref().unwrap_or(data)) {
+        assert!(image.config.is_object());
     }
 }
 

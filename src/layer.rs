@@ -9,7 +9,20 @@ pub enum Compression {
     None,
     Gzip,
     Zstd,
+    /// Told by the first bytes, for layers whose manifest names no media type (schema 1), as
+    /// docker's `archive.DecompressStream` tells it.
+    Detect,
 }
+
+const GZIP_MAGIC: &[u8] = &[0x1f, 0x8b];
+const ZSTD_MAGIC: &[u8] = &[0x28, 0xb5, 0x2f, 0xfd];
+/// bzip2 and xz, which docker also detects but strata does not decode.
+const UNSUPPORTED_MAGIC: [(&[u8], &str); 2] = [
+    (b"BZh", "bzip2"),
+    (&[0xfd, b'7', b'z', b'X', b'Z', 0x00], "xz"),
+];
+/// Bytes read to tell the compression: the longest magic number.
+const MAGIC_LEN: usize = 6;
 
 impl Compression {
     /// `None` for media types that are not layers.
@@ -42,6 +55,35 @@ pub fn decompress<'a>(
             Ok(d) => Box::new(d),
             Err(e) => Box::new(FailingReader(Some(e))),
         },
+        Compression::Detect => detect(input),
+    }
+}
+
+fn detect<'a>(mut input: impl BufRead + Send + 'a) -> Box<dyn Read + Send + 'a> {
+    let mut head = Vec::with_capacity(MAGIC_LEN);
+    if let Err(e) = (&mut input).take(MAGIC_LEN as u64).read_to_end(&mut head) {
+        return Box::new(FailingReader(Some(e)));
+    }
+    let compression = if head.starts_with(GZIP_MAGIC) {
+        Compression::Gzip
+    } else if head.starts_with(ZSTD_MAGIC) {
+        Compression::Zstd
+    } else if let Some((_, name)) = UNSUPPORTED_MAGIC.iter().find(|(m, _)| head.starts_with(m)) {
+        return Box::new(FailingReader(Some(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("a {name}-compressed layer (strata decodes gzip and zstd only)"),
+        ))));
+    } else {
+        Compression::None
+    };
+    let input = std::io::Cursor::new(head).chain(input);
+    match compression {
+        Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(input)),
+        Compression::Zstd => match zstd::stream::read::Decoder::with_buffer(input) {
+            Ok(d) => Box::new(d),
+            Err(e) => Box::new(FailingReader(Some(e))),
+        },
+        _ => Box::new(input),
     }
 }
 
@@ -82,6 +124,19 @@ mod tests {
         z.extend(zstd::encode_all(&b"two"[..], 3).unwrap());
         assert_eq!(read_all(Compression::Zstd, &z).unwrap(), b"one two");
         assert_eq!(read_all(Compression::None, b"raw").unwrap(), b"raw");
+    }
+
+    #[test]
+    fn detect_tells_gzip_zstd_and_plain_tar_apart() {
+        let data = [9u8; 5000];
+        assert_eq!(read_all(Compression::Detect, &gz(&data)).unwrap(), data);
+        let z = zstd::encode_all(&data[..], 3).unwrap();
+        assert_eq!(read_all(Compression::Detect, &z).unwrap(), data);
+        assert_eq!(read_all(Compression::Detect, &data).unwrap(), data);
+        assert_eq!(read_all(Compression::Detect, b"ab").unwrap(), b"ab");
+        assert_eq!(read_all(Compression::Detect, b"").unwrap(), b"");
+        let e = read_all(Compression::Detect, b"BZh91AY&SY").unwrap_err();
+        assert!(e.to_string().contains("bzip2"), "{e}");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! A local OCI image layout (image-spec `image-layout.md`) as an image source, so strata works with no
 //! registry: `index.json` names the images (annotation `org.opencontainers.image.ref.name`), blobs
-//! are files under `blobs/sha256/`, streamed and verified like registry blobs.
+//! are files under `blobs/<algorithm>/` (`sha256`, `sha512`, …), streamed and verified like registry
+//! blobs.
 
 use std::path::{Path, PathBuf};
 
@@ -40,7 +41,10 @@ impl OciLayout {
     }
 
     fn blob_path(&self, digest: &Digest) -> PathBuf {
-        self.dir.join("blobs/sha256").join(digest.hex())
+        self.dir
+            .join("blobs")
+            .join(digest.algorithm().name())
+            .join(digest.hex())
     }
 
     async fn read_small(&self, path: &Path) -> Result<Vec<u8>, RegistryError> {
@@ -95,7 +99,7 @@ impl OciLayout {
             }
         };
         let bytes = self.read_small(&self.blob_path(&digest)).await?;
-        let actual = Digest::of(&bytes);
+        let actual = Digest::of_with(digest.algorithm(), &bytes);
         if actual != digest {
             return Err(RegistryError::Invalid(format!(
                 "manifest blob {digest} holds {actual}"

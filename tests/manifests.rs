@@ -69,7 +69,7 @@ fn bad_manifests_and_configs_are_json_errors() {
             r#"{"schemaVersion":1,"name":"x","tag":"v1","fsLayers":[]}"#.into(),
             good_config,
             None,
-            "schema1",
+            "schema 1 manifest: no fsLayers",
         ),
         (
             "no-layers",

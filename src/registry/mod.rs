@@ -37,11 +37,15 @@ impl std::fmt::Debug for Credentials {
     }
 }
 
-/// Every manifest type strata reads (FORMATS.md §4).
+/// Every manifest type strata reads (FORMATS.md §4), schema 1 last and least preferred: a registry
+/// that has a schema 2 manifest then serves it, where one asked for schema 1 only would convert it
+/// to schema 1 (distribution does, for a client that does not name schema 2).
 pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
 application/vnd.docker.distribution.manifest.list.v2+json, \
 application/vnd.oci.image.manifest.v1+json, \
-application/vnd.docker.distribution.manifest.v2+json";
+application/vnd.docker.distribution.manifest.v2+json, \
+application/vnd.docker.distribution.manifest.v1+prettyjws;q=0.5, \
+application/vnd.docker.distribution.manifest.v1+json;q=0.5";
 /// Longest wait for a response's status and headers (not its body).
 pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest silence in the middle of a body before it counts as stalled.
@@ -340,8 +344,15 @@ impl Client {
             Err(BodyError::TooLarge(limit)) => return Err(manifest_too_large(url, limit)),
             Err(e) => return Err(RegistryError::Upstream(format!("{url}: {e}"))),
         };
-        let digest = Digest::of(&body);
+        // A signed schema 1 manifest is known by the digest of its payload, without the signatures.
+        let payload = crate::manifest::schema1::signed_payload(&body)
+            .map_err(|e| RegistryError::Invalid(format!("{url}: {e}")))?;
+        let content = payload.as_deref().unwrap_or(&body);
         let expected = Digest::parse(tag_or_digest).ok().or(announced);
+        let digest = match &expected {
+            Some(e) => Digest::of_with(e.algorithm(), content),
+            None => Digest::of(content),
+        };
         if let Some(expected) = expected {
             if expected != digest {
                 return Err(RegistryError::Upstream(format!(

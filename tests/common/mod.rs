@@ -6,6 +6,7 @@ pub mod fixtures;
 pub mod images;
 pub mod proxy;
 pub mod registry;
+pub mod schema1;
 pub mod token;
 
 use std::collections::BTreeMap;

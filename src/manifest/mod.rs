@@ -1,7 +1,13 @@
 //! From a reference to an image: the manifest (following an index or manifest list to the platform
 //! asked for), its layers with their compression, and the image config, all verified by digest.
+//! Schema 1 manifests, which carry their config inline, are read by [`schema1`].
+
+mod platform;
+pub mod schema1;
 
 use std::fmt;
+
+pub use platform::Platform;
 
 use futures::StreamExt;
 use oci_spec::image::{ImageIndex, ImageManifest};
@@ -12,92 +18,12 @@ use crate::layer::Compression;
 use crate::limits::{LimitExceeded, Limits};
 use crate::reference::Reference;
 use crate::registry::{Credentials, RegistryError};
-use crate::source::{Source, SourceError};
+use crate::source::{RawManifest, Source, SourceError};
 
 const INDEX_TYPES: [&str; 2] = [
     "application/vnd.oci.image.index.v1+json",
     "application/vnd.docker.distribution.manifest.list.v2+json",
 ];
-
-/// `os/arch[/variant]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Platform {
-    pub os: String,
-    pub architecture: String,
-    pub variant: Option<String>,
-}
-
-impl Default for Platform {
-    fn default() -> Self {
-        Platform {
-            os: "linux".into(),
-            architecture: "amd64".into(),
-            variant: None,
-        }
-    }
-}
-
-impl fmt::Display for Platform {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.os, self.architecture)?;
-        if let Some(v) = &self.variant {
-            write!(f, "/{v}")?;
-        }
-        Ok(())
-    }
-}
-
-/// Architecture spellings normalised as containerd does.
-fn normalize_arch(arch: &str, variant: Option<&str>) -> (String, Option<String>) {
-    let arch = match arch {
-        "x86_64" | "x86-64" => "amd64",
-        "aarch64" => "arm64",
-        "armhf" | "armel" => "arm",
-        "i386" => "386",
-        other => other,
-    };
-    let variant = match (arch, variant) {
-        ("arm64", Some("8") | Some("v8")) | ("arm64", None) => Some("v8"),
-        ("arm", None) | ("arm", Some("7")) => Some("v7"),
-        ("arm", Some("6")) => Some("v6"),
-        (_, v) => v,
-    };
-    (arch.to_string(), variant.map(str::to_string))
-}
-
-impl Platform {
-    pub fn parse(s: &str) -> Result<Platform, String> {
-        let parts: Vec<&str> = s.split('/').collect();
-        let ok = |p: &str| {
-            !p.is_empty()
-                && p.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-        };
-        match parts[..] {
-            [os, arch] if ok(os) && ok(arch) => Ok(Platform {
-                os: os.into(),
-                architecture: arch.into(),
-                variant: None,
-            }),
-            [os, arch, v] if ok(os) && ok(arch) && ok(v) => Ok(Platform {
-                os: os.into(),
-                architecture: arch.into(),
-                variant: Some(v.into()),
-            }),
-            _ => Err(format!(
-                "invalid platform {s:?}: expected os/arch[/variant]"
-            )),
-        }
-    }
-
-    /// Whether an image for `other` serves a request for `self`: os and architecture equal, and the
-    /// variant too when the request names one.
-    pub fn matches(&self, other: &Platform) -> bool {
-        let (a, av) = normalize_arch(&self.architecture, self.variant.as_deref());
-        let (b, bv) = normalize_arch(&other.architecture, other.variant.as_deref());
-        self.os == other.os && a == b && (self.variant.is_none() || av == bv)
-    }
-}
 
 #[derive(Debug, Clone)]
 pub struct LayerDescriptor {
@@ -159,6 +85,9 @@ pub async fn resolve(
     if let Some(digest) = chosen {
         raw = source.manifest(reference, &digest, credentials).await?;
     }
+    if let Some(image) = resolve_schema1(reference, &raw, platform, limits)? {
+        return Ok(image);
+    }
     let manifest = parse_image_manifest(reference, &raw.bytes, limits)?;
     let mut stream = source
         .blob(
@@ -191,6 +120,58 @@ pub async fn resolve(
     })
 }
 
+/// A schema 1 manifest as an image, `None` for any other manifest. Its config is the one docker
+/// synthesises; its digest is that config's as strata serialises it (docker's image ID also covers
+/// the diff_ids, which only the layers tell). Schema 1 has no platform selection: as docker 20.10
+/// does, the operating system must match the request and the architecture is not compared.
+fn resolve_schema1(
+    reference: &Reference,
+    raw: &RawManifest,
+    platform: &Platform,
+    limits: &Limits,
+) -> Result<Option<ResolvedImage>, SourceError> {
+    let payload = match schema1::signed_payload(&raw.bytes) {
+        Ok(Some(payload)) => payload,
+        Ok(None) => raw.bytes.to_vec(),
+        Err(e) => return Err(invalid(reference, e)),
+    };
+    let is_schema1 =
+        serde_json::from_slice::<Value>(&payload).is_ok_and(|body| schema1::is_schema1(&body));
+    if !is_schema1 {
+        return Ok(None);
+    }
+    let image = schema1::parse(&payload).map_err(|e| invalid(reference, e))?;
+    let count = image.layers.len() as u64;
+    if count > limits.max_layers {
+        return Err(limit(
+            reference,
+            format!("{count} layers"),
+            "the layer count",
+            limits.max_layers,
+            "max-layers",
+        ));
+    }
+    let (config, image_platform) = parse_config(
+        reference,
+        &serde_json::to_vec(&image.config).expect("a JSON value serialises"),
+        image.layers.len(),
+    )?;
+    if image_platform.os != platform.os {
+        return Err(RegistryError::NotFound(format!(
+            "{reference}: image is for {}, not {} (a schema 1 image names one platform)",
+            image_platform.os, platform.os
+        )));
+    }
+    Ok(Some(ResolvedImage {
+        reference: reference.clone(),
+        manifest_digest: raw.digest.clone(),
+        config_digest: Digest::of(&serde_json::to_vec(&config).expect("serialises")),
+        config,
+        layers: image.layers,
+        platform: image_platform,
+    }))
+}
+
 /// Reads what a manifest endpoint returned (registry bytes, untrusted): for an index or manifest list,
 /// the digest of its image manifest for `platform`; `None` when the bytes are no index (and should be
 /// an image manifest).
@@ -202,8 +183,8 @@ pub fn choose_from_index(
 ) -> Result<Option<String>, SourceError> {
     let body: Value = serde_json::from_slice(bytes)
         .map_err(|e| invalid(reference, format!("manifest is not JSON: {e}")))?;
-    if body.get("schemaVersion").and_then(Value::as_u64) == Some(1) {
-        return Err(invalid(reference, "schema1 manifests are deprecated and not supported; push the image again with a current client"));
+    if schema1::is_schema1(&body) {
+        return Ok(None);
     }
     let is_index = INDEX_TYPES.contains(&media_type)
         || body
@@ -341,37 +322,4 @@ pub fn parse_config(
         variant: field("variant").map(str::to_string),
     };
     Ok((config, platform))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn platform_matching_table() {
-        let p = |s: &str| Platform::parse(s).unwrap();
-        let cases = [
-            ("linux/amd64", "linux/amd64", true),
-            ("linux/amd64", "linux/arm64", false),
-            ("linux/arm64", "linux/arm64/v8", true),
-            ("linux/arm64/v8", "linux/arm64", true),
-            ("linux/arm/v7", "linux/arm", true),
-            ("linux/arm/v6", "linux/arm/v7", false),
-            ("linux/arm", "linux/arm/v6", true),
-            ("linux/amd64", "windows/amd64", false),
-            ("linux/amd64", "linux/x86_64", true),
-        ];
-        for (want, have, ok) in cases {
-            assert_eq!(p(want).matches(&p(have)), ok, "{want} vs {have}");
-        }
-        for bad in [
-            "linux",
-            "linux/",
-            "/amd64",
-            "linux/amd64/v8/x",
-            "linux/am d64",
-        ] {
-            assert!(Platform::parse(bad).is_err(), "{bad}");
-        }
-    }
 }
