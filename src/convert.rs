@@ -171,9 +171,9 @@ const CHANNEL_DEPTH: usize = 8;
 /// Read buffer in front of each layer's decompressor.
 const READ_BUF: usize = 256 * 1024;
 /// Bump when the output bytes change for the same input, so ETags and layer ids change with them.
-const OUTPUT_VERSION: &str = "strata-squash-v1";
+const OUTPUT_VERSION: &str = "strata-squash-v2";
 /// The same for ACIs (and the signatures kept for them).
-const ACI_VERSION: &str = "strata-aci-v1";
+const ACI_VERSION: &str = "strata-aci-v2";
 /// How long a signature request waits for a conversion of the same bytes that is under way.
 const SIGNATURE_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
 

@@ -15,7 +15,7 @@ use crate::entry::{self, EntryMeta, Item, Kind};
 use crate::merge::{CountingSink, LayerHints, MergeError, Merger};
 
 /// Changes whenever parsing or the canonical form changes, so older files are ignored, not misread.
-const FORMAT: &[u8] = b"strata-summary-v1\n";
+const FORMAT: &[u8] = b"strata-summary-v2\n";
 
 /// Reads a whole layer tar (decompressed) into its summary, to its very end.
 pub fn scan<R: Read>(tar: R) -> Result<Vec<Item>, MergeError> {
@@ -84,6 +84,7 @@ pub fn encode(items: &[Item]) -> Vec<u8> {
                     m.uid,
                     m.gid,
                     m.mtime,
+                    m.mtime_nsec as u64,
                     m.size,
                     m.dev_major as u64,
                     m.dev_minor as u64,
@@ -156,7 +157,8 @@ pub fn decode(data: &[u8]) -> Option<Vec<Item>> {
                 let kind = Kind::from_code(code)?;
                 let path = c.bytes()?;
                 let mode = c.u32()?;
-                let (uid, gid, mtime, size) = (c.uint()?, c.uint()?, c.uint()?, c.uint()?);
+                let (uid, gid, mtime) = (c.uint()?, c.uint()?, c.uint()?);
+                let (mtime_nsec, size) = (c.u32()?, c.uint()?);
                 let (dev_major, dev_minor) = (c.u32()?, c.u32()?);
                 let link = c.bytes()?;
                 let mut xattrs = Vec::new();
@@ -170,6 +172,7 @@ pub fn decode(data: &[u8]) -> Option<Vec<Item>> {
                     uid,
                     gid,
                     mtime,
+                    mtime_nsec,
                     size,
                     link,
                     dev_major,
@@ -268,6 +271,7 @@ mod tests {
                 uid: 1 << 40,
                 gid: 7,
                 mtime: 1_700_000_000,
+                mtime_nsec: 123_456_789,
                 size: 0,
                 link: Vec::new(),
                 dev_major: 1,

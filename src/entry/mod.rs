@@ -7,9 +7,11 @@
 //! the content.
 
 mod read;
+mod sparse;
 mod write;
 
-pub use read::read_item;
+pub use read::{read_item, read_member};
+pub use sparse::{Expand, Sparse};
 pub use write::{padded, write_end, write_entry, write_zeros};
 
 use std::io;
@@ -80,6 +82,8 @@ pub struct EntryMeta {
     pub uid: u64,
     pub gid: u64,
     pub mtime: u64,
+    /// Nanoseconds past `mtime`, from a fractional PAX `mtime` record.
+    pub mtime_nsec: u32,
     /// Content length; 0 for all but regular files.
     pub size: u64,
     /// Symlink target verbatim, or cleaned hardlink target path.
@@ -199,6 +203,7 @@ impl EntryMeta {
             uid: 0,
             gid: 0,
             mtime: 0,
+            mtime_nsec: 0,
             size,
             link: Vec::new(),
             dev_major: 0,

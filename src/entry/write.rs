@@ -28,6 +28,15 @@ fn pax_record(out: &mut Vec<u8>, key: &[u8], value: &[u8]) {
     out.push(b'\n');
 }
 
+/// A PAX time as Go's archive/tar writes it: seconds, and a fraction without trailing zeros if any.
+fn pax_time(secs: u64, nanos: u32) -> String {
+    if nanos == 0 {
+        return secs.to_string();
+    }
+    let frac = format!("{nanos:09}");
+    format!("{secs}.{}", frac.trim_end_matches('0'))
+}
+
 fn octal(field: &mut [u8], value: u64) {
     let digits = field.len() - 1;
     let s = format!("{value:0digits$o}");
@@ -111,8 +120,12 @@ impl EntryMeta {
         if self.gid > MAX_OCTAL_8 {
             pax_record(&mut pax, b"gid", self.gid.to_string().as_bytes());
         }
-        if self.mtime > MAX_OCTAL_12 {
-            pax_record(&mut pax, b"mtime", self.mtime.to_string().as_bytes());
+        if self.mtime > MAX_OCTAL_12 || self.mtime_nsec != 0 {
+            pax_record(
+                &mut pax,
+                b"mtime",
+                pax_time(self.mtime, self.mtime_nsec).as_bytes(),
+            );
         }
         for (name, value) in &self.xattrs {
             let mut key = b"SCHILY.xattr.".to_vec();
@@ -304,6 +317,16 @@ mod tests {
         let mut utf8 = meta("été/ü", Kind::File);
         utf8.size = 1;
         roundtrip(&utf8);
+        let mut frac = meta("frac", Kind::Dir);
+        frac.mtime_nsec = 123_456_789;
+        roundtrip(&frac);
+        let mut half = meta("half", Kind::File);
+        half.mtime_nsec = 500_000_000;
+        half.size = 2;
+        roundtrip(&half);
+        // As Go's archive/tar writes it: trailing zeros of the fraction left out.
+        let pax = String::from_utf8_lossy(&half.header_bytes()).into_owned();
+        assert!(pax.contains(" mtime=1700000000.5\n"), "{pax}");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 pub mod fixtures;
 pub mod images;
 pub mod proxy;
+pub mod squashing;
 pub mod token;
 
 use std::collections::BTreeMap;
