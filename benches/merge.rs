@@ -17,6 +17,7 @@ fn meta(path: String, kind: Kind, size: u64, link: &str) -> EntryMeta {
         uid: 0,
         gid: 0,
         mtime: 1_700_000_000,
+        mtime_nsec: 0,
         size,
         link: link.as_bytes().to_vec(),
         dev_major: 0,

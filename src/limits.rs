@@ -180,9 +180,15 @@ impl<R: Read> Guard<R> {
                 }
                 field
             }
-            // The sparse map's extension blocks follow the header; a guard that skipped them wrongly
-            // would lose its place, and the merge refuses sparse files anyway.
-            b'S' => return Err(invalid("GNU sparse files are not supported")),
+            // Old GNU sparse entries: docker refuses them ("unhandled tar header type 83"), so strata
+            // does too, here, before the extension blocks of their map could cost the guard its place.
+            // (PAX-sparse files, which docker expands, are plain members to the guard.)
+            b'S' => {
+                return Err(invalid(
+                    "GNU sparse entry (type S): docker refuses these too; write sparse files \
+                     with --format=pax",
+                ))
+            }
             _ => {
                 let entries = self.budget.entries.fetch_add(1, Ordering::Relaxed) + 1;
                 if entries > l.max_entries {
@@ -206,7 +212,9 @@ impl<R: Read> Guard<R> {
     fn on_pax(&mut self) -> io::Result<()> {
         for (key, value) in pax_records(&self.pax) {
             match key {
-                b"path" | b"linkpath" if value.len() as u64 > self.limits.max_path_bytes => {
+                b"path" | b"linkpath" | b"GNU.sparse.name"
+                    if value.len() as u64 > self.limits.max_path_bytes =>
+                {
                     return Err(exceeded(
                         "a path",
                         self.limits.max_path_bytes,

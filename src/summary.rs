@@ -17,7 +17,7 @@ use crate::version;
 
 /// The encoding's own version; the output version follows it in every file, so a summary read by code
 /// that would read the layer differently is ignored, not trusted.
-const FORMAT: &[u8] = b"strata-summary-v1\n";
+const FORMAT: &[u8] = b"strata-summary-v2\n";
 
 /// What every remembered file starts with.
 fn header() -> Vec<u8> {
@@ -94,6 +94,7 @@ pub fn encode(items: &[Item]) -> Vec<u8> {
                     m.uid,
                     m.gid,
                     m.mtime,
+                    m.mtime_nsec as u64,
                     m.size,
                     m.dev_major as u64,
                     m.dev_minor as u64,
@@ -166,7 +167,8 @@ pub fn decode(data: &[u8]) -> Option<Vec<Item>> {
                 let kind = Kind::from_code(code)?;
                 let path = c.bytes()?;
                 let mode = c.u32()?;
-                let (uid, gid, mtime, size) = (c.uint()?, c.uint()?, c.uint()?, c.uint()?);
+                let (uid, gid, mtime) = (c.uint()?, c.uint()?, c.uint()?);
+                let (mtime_nsec, size) = (c.u32()?, c.uint()?);
                 let (dev_major, dev_minor) = (c.u32()?, c.u32()?);
                 let link = c.bytes()?;
                 let mut xattrs = Vec::new();
@@ -180,6 +182,7 @@ pub fn decode(data: &[u8]) -> Option<Vec<Item>> {
                     uid,
                     gid,
                     mtime,
+                    mtime_nsec,
                     size,
                     link,
                     dev_major,
@@ -277,6 +280,7 @@ mod tests {
                 uid: 1 << 40,
                 gid: 7,
                 mtime: 1_700_000_000,
+                mtime_nsec: 123_456_789,
                 size: 0,
                 link: Vec::new(),
                 dev_major: 1,

@@ -60,6 +60,27 @@ fn hostile_layers_are_refused_before_the_first_byte() {
             "PAX size contradicts",
         ),
         (
+            "pax-size-zero-field",
+            // A zero size field may stand for a PAX size only when that size does not fit the field.
+            Layer::new()
+                .pax_sized("smuggler", 0, &[b'a'; 10], &[("size", b"10")])
+                .file("after", 0o644, b"hidden"),
+            "PAX size contradicts",
+        ),
+        (
+            "pax-size-saturated-field",
+            Layer::new()
+                .pax_sized("smuggler", 0o77777777777, &[b'a'; 10], &[("size", b"10")])
+                .file("after", 0o644, b"hidden"),
+            "PAX size contradicts",
+        ),
+        (
+            // docker refuses it too: "unhandled tar header type 83".
+            "gnu-sparse-type-s",
+            Layer::new().gnu_sparse("sparse", 4096, &[(0, b"data")]),
+            "GNU sparse entry (type S)",
+        ),
+        (
             "truncated-mid-entry",
             Layer::new()
                 .file("whole", 0o644, b"fine")

@@ -3,65 +3,13 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::Command;
 
 use common::fixtures::{Comp, Image, Layer};
 use common::images;
+use common::squashing::*;
 use common::*;
 use serde_json::Value;
-
-/// Fetches the squash of `reference` with curl into a file; returns its path.
-fn fetch(server: &Server, reference: &str, query: &str) -> PathBuf {
-    let dir = scratch(&format!("out-{}", rand_suffix()));
-    let file = dir.join("image.tar");
-    let headers = download_to(&format!("{}/squash/{reference}{query}", server.url), &file);
-    let length: u64 = header_value(&headers, "content-length")
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert_eq!(length, std::fs::metadata(&file).unwrap().len());
-    assert_eq!(
-        header_value(&headers, "content-type").as_deref(),
-        Some("application/x-tar")
-    );
-    file
-}
-
-/// The squash of `reference`, loaded by docker under `tag`, must list exactly what `docker pull` gives.
-fn check_against_oracle(env: &Env, reference: &str, tag: &str) -> PathBuf {
-    check_against_twin(shared_server(&env.registry), reference, reference, tag)
-}
-
-/// Same, with the oracle pulled from `twin`: an image with the same uncompressed layers (so the same
-/// file system and config), for inputs the test daemon cannot pull itself.
-fn check_against_twin(server: &Server, reference: &str, twin: &str, tag: &str) -> PathBuf {
-    let want = oracle(twin);
-    let file = fetch(server, reference, &format!("?tag={tag}"));
-    let out = run(docker().arg("load").arg("-i").arg(&file));
-    assert!(
-        String::from_utf8_lossy(&out).contains(tag),
-        "docker load said: {}",
-        String::from_utf8_lossy(&out)
-    );
-    let got = export_listing(tag);
-    assert_same(&want, &got, reference);
-    let inspect: Value =
-        serde_json::from_slice(&run(docker().args(["image", "inspect", tag]))).unwrap();
-    assert_eq!(
-        inspect[0]["RootFS"]["Layers"].as_array().unwrap().len(),
-        1,
-        "one squashed layer"
-    );
-    let original: Value =
-        serde_json::from_slice(&run(docker().args(["image", "inspect", twin]))).unwrap();
-    assert_eq!(
-        inspect[0]["Config"], original[0]["Config"],
-        "image config kept"
-    );
-    assert_eq!(inspect[0]["Architecture"], original[0]["Architecture"]);
-    file
-}
 
 #[test]
 fn basic_matches_docker_pull() {

@@ -4,7 +4,14 @@
 //! Depth 0 is the topmost layer. The rules are OCI image-spec layer.md: an upper non-directory replaces
 //! the path and hides the lower subtree; an upper directory keeps lower children (its own attributes
 //! win); a whiteout hides the path and its subtree in *lower* layers only; an opaque marker hides the
-//! lower children of its directory, not the directory itself. Memory grows with the number of paths.
+//! lower children of its directory, not the directory itself; at the root, every lower entry.
+//!
+//! A parent that a layer's entries imply without an entry of its own is that layer's own directory,
+//! as overlay-based stores (overlay2, containerd's overlayfs) extract each layer apart and stack them:
+//! it replaces a lower non-directory at its path (a lower symlink `bin → usr/bin` under an upper
+//! `bin/tool` gives a directory `bin`), while a lower directory there keeps its attributes. vfs would
+//! follow the symlink instead; README.md, "Merge semantics", says why strata does not. Memory grows
+//! with the number of paths.
 
 use std::collections::HashMap;
 
@@ -49,16 +56,20 @@ fn ancestors(path: &[u8]) -> impl Iterator<Item = &[u8]> {
 #[derive(Debug, Default)]
 pub struct Index {
     nodes: HashMap<Vec<u8>, Node>,
+    /// Entries from layers deeper than this are hidden: an opaque marker at the root
+    /// (`.wh..wh..opq` with no directory part), whose directory no path lists as an ancestor.
+    root_cut: Option<u32>,
 }
 
 impl Index {
     fn hidden_by_ancestor(&self, path: &[u8], depth: u32) -> bool {
-        ancestors(path).any(|a| {
-            self.nodes.get(a).is_some_and(|n| {
-                n.children_cut.is_some_and(|c| depth > c)
-                    || (n.depth < depth && n.kind == Kind::NonDir)
+        self.root_cut.is_some_and(|c| depth > c)
+            || ancestors(path).any(|a| {
+                self.nodes.get(a).is_some_and(|n| {
+                    n.children_cut.is_some_and(|c| depth > c)
+                        || (n.depth < depth && n.kind == Kind::NonDir)
+                })
             })
-        })
     }
 
     /// Whether an entry at `path` from the layer at `depth` belongs in the output, without recording it.
@@ -85,6 +96,11 @@ impl Index {
                 if let Some(n) = self.nodes.get_mut(path) {
                     if matches!(n.kind, Kind::Dir | Kind::ImpliedDir) && n.depth < depth {
                         n.children_cut = min_depth(n.children_cut, depth);
+                        // The directory an upper entry implies here is its layer's own, made anew
+                        // (0755): a deeper directory entry at this path was replaced by this one.
+                        if n.kind == Kind::ImpliedDir {
+                            n.gone_below = min_depth(n.gone_below, depth);
+                        }
                     }
                 }
             }
@@ -108,6 +124,9 @@ impl Index {
     /// Records that an entry of the layer at `depth` creates the missing parents of `path`, whether or
     /// not the entry itself is kept: parents that no upper layer hides exist in the image.
     pub fn imply_parents(&mut self, path: &[u8], depth: u32) {
+        if self.root_cut.is_some_and(|c| depth > c) {
+            return;
+        }
         for a in ancestors(path) {
             match self.nodes.get_mut(a) {
                 None => {
@@ -169,6 +188,10 @@ impl Index {
 
     /// `.wh..wh..opq` in `dir` at `depth`: lower children of `dir` are hidden.
     pub fn opaque(&mut self, dir: &[u8], depth: u32) {
+        if dir.is_empty() {
+            self.root_cut = min_depth(self.root_cut, depth);
+            return;
+        }
         let n = self.nodes.entry(dir.to_vec()).or_insert(Node {
             depth,
             kind: Kind::ImpliedDir,
@@ -300,6 +323,28 @@ mod tests {
                     File("d/x/z", 1),
                 ],
                 vec!["d/y@1"],
+            ),
+            (
+                "opaque at the root hides every lower entry",
+                vec![
+                    File("top", 0),
+                    File("new", 1),
+                    Opaque("", 1),
+                    Dir("d", 2),
+                    File("d/x", 2),
+                    File("new", 2),
+                ],
+                vec!["top@0", "new@1"],
+            ),
+            (
+                "implied dir over a middle file: the deeper dir is gone",
+                vec![
+                    File("a/x/z", 0),
+                    File("a/x", 1),
+                    Dir("a/x", 2),
+                    File("a/x/y", 2),
+                ],
+                vec!["a/x/z@0"],
             ),
             (
                 "root whiteout prefix is not a match",

@@ -12,7 +12,7 @@
 
 pub mod index;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{self, Read};
 
 use crate::entry::{self, EntryMeta, Item, Kind};
@@ -81,48 +81,117 @@ fn lossy(p: &[u8]) -> String {
     String::from_utf8_lossy(p).into_owned()
 }
 
+/// Where a same-layer hardlink's content comes from, when it is not simply its target path in the
+/// layers below.
+#[derive(Debug, Clone)]
+enum Source {
+    /// The entry at this ordinal of the same layer (a file, symlink, device or fifo).
+    Here(u32),
+    /// This path of the layers below (a link to a link of this layer that points down).
+    Lower(Vec<u8>),
+    /// A directory of the same layer: an error if the link survives.
+    Dir,
+}
+
 /// What the merge of one layer must know before reading it, derived from the layer's summary.
+/// Entries are named by ordinal: their position among the layer's items (the same in the summary and
+/// in the tar, as both come from [`entry::read_item`]).
 #[derive(Debug, Default, Clone)]
 pub struct LayerHints {
-    /// Same-layer hardlink groups: target path → link paths that follow it in the layer, in order.
-    links: HashMap<Vec<u8>, Vec<Vec<u8>>>,
-    /// Paths that occur more than once in the layer, with their count: the last occurrence wins.
-    duplicates: HashMap<Vec<u8>, u32>,
+    /// Entries a later entry of the same layer replaces, extracted in order: an earlier occurrence of
+    /// the same path (the last one wins), or anything below a path the layer later makes a
+    /// non-directory (docker and containerd remove the directory, own children and all).
+    superseded: HashSet<u32>,
+    /// Same-layer hardlink groups: ordinal of the entry holding the content → paths of the surviving
+    /// links that share it (links to links included), in layer order.
+    groups: HashMap<u32, Vec<Vec<u8>>>,
+    /// Surviving links (by ordinal) whose content is not their target path in lower layers.
+    sources: HashMap<u32, Source>,
 }
 
 impl LayerHints {
     pub fn from_items(items: &[Item]) -> LayerHints {
-        let entries = || {
-            items.iter().filter_map(|i| match i {
-                Item::Entry(m) => Some(m),
-                _ => None,
-            })
-        };
-        let mut counts: HashMap<&[u8], u32> = HashMap::new();
-        for meta in entries() {
-            *counts.entry(&meta.path).or_default() += 1;
-        }
-        // Only a path's last occurrence counts; a link's target must come before it.
-        let mut left = counts.clone();
-        let mut seen: std::collections::HashSet<&[u8]> = std::collections::HashSet::new();
-        let mut links: HashMap<Vec<u8>, Vec<Vec<u8>>> = HashMap::new();
-        for meta in entries() {
-            let n = left.get_mut(&meta.path[..]).expect("counted above");
-            *n -= 1;
-            if *n == 0 && meta.kind == Kind::Hardlink && seen.contains(&meta.link[..]) {
-                links
-                    .entry(meta.link.clone())
-                    .or_default()
-                    .push(meta.path.clone());
+        let mut hints = LayerHints::default();
+        // Forward: each path's latest occurrence, where each link's content comes from, and which
+        // paths already had entries below them when the layer makes them a non-directory.
+        let mut latest: HashMap<&[u8], u32> = HashMap::new();
+        let mut parents: HashSet<&[u8]> = HashSet::new();
+        let mut cuts: HashMap<&[u8], u32> = HashMap::new();
+        let mut links: Vec<(u32, Source)> = Vec::new();
+        let mut link_source: HashMap<u32, Source> = HashMap::new();
+        for (i, item) in items.iter().enumerate() {
+            let Item::Entry(m) = item else { continue };
+            let i = i as u32;
+            if m.kind == Kind::Hardlink {
+                let source = match latest.get(&m.link[..]) {
+                    None => Source::Lower(m.link.clone()),
+                    Some(&k) => match &items[k as usize] {
+                        Item::Entry(t) if t.kind == Kind::Hardlink => link_source[&k].clone(),
+                        Item::Entry(t) if t.kind == Kind::Dir => Source::Dir,
+                        _ => Source::Here(k),
+                    },
+                };
+                link_source.insert(i, source.clone());
+                links.push((i, source));
             }
-            seen.insert(&meta.path);
+            if let Some(prev) = latest.insert(&m.path, i) {
+                hints.superseded.insert(prev);
+            }
+            if m.kind != Kind::Dir && parents.contains(&m.path[..]) {
+                cuts.insert(&m.path, i);
+            }
+            // Deepest first: once a parent is known, so are its own parents.
+            let mut p = &m.path[..];
+            while let Some(slash) = p.iter().rposition(|&b| b == b'/') {
+                p = &p[..slash];
+                if !parents.insert(p) {
+                    break;
+                }
+            }
         }
-        let duplicates = counts
-            .into_iter()
-            .filter(|&(_, n)| n > 1)
-            .map(|(p, n)| (p.to_vec(), n))
-            .collect();
-        LayerHints { links, duplicates }
+        if !cuts.is_empty() {
+            for (i, item) in items.iter().enumerate() {
+                let Item::Entry(m) = item else { continue };
+                let i = i as u32;
+                let cut =
+                    m.path.iter().enumerate().any(|(at, &b)| {
+                        b == b'/' && cuts.get(&m.path[..at]).is_some_and(|&j| j > i)
+                    });
+                if cut {
+                    hints.superseded.insert(i);
+                }
+            }
+        }
+        for (i, source) in links {
+            if hints.superseded.contains(&i) {
+                continue;
+            }
+            let Item::Entry(m) = &items[i as usize] else {
+                unreachable!("links are entries")
+            };
+            match source {
+                Source::Here(k) => {
+                    hints.groups.entry(k).or_default().push(m.path.clone());
+                    hints.sources.insert(i, Source::Here(k));
+                }
+                Source::Lower(t) if t == m.link => {}
+                other => {
+                    hints.sources.insert(i, other);
+                }
+            }
+        }
+        hints
+    }
+
+    fn superseded(&self, ordinal: u32) -> bool {
+        !self.superseded.is_empty() && self.superseded.contains(&ordinal)
+    }
+
+    fn group(&self, ordinal: u32) -> Option<&Vec<Vec<u8>>> {
+        if self.groups.is_empty() {
+            return None;
+        }
+        self.groups.get(&ordinal)
     }
 }
 
@@ -141,10 +210,11 @@ pub struct Merger {
     pending: HashMap<Vec<u8>, Vec<Pending>>,
     depth: u32,
     hints: LayerHints,
-    /// For link targets of the current layer: the name their content went out under (`None`: dropped).
-    out_names: HashMap<Vec<u8>, Option<Vec<u8>>>,
-    /// Links of the current layer held for a lower target: link path → that target.
-    held_here: HashMap<Vec<u8>, Vec<u8>>,
+    /// Ordinal of the next item of the current layer.
+    ordinal: u32,
+    /// For link groups of the current layer, by the ordinal of the entry holding the content: the
+    /// name that content went out under (`None`: every name of the group is hidden).
+    out_names: HashMap<u32, Option<Vec<u8>>>,
 }
 
 impl Merger {
@@ -156,8 +226,8 @@ impl Merger {
     pub fn begin_layer(&mut self, depth: u32, hints: LayerHints) {
         self.depth = depth;
         self.hints = hints;
+        self.ordinal = 0;
         self.out_names.clear();
-        self.held_here.clear();
     }
 
     /// Feeds one member of the current layer.
@@ -167,33 +237,33 @@ impl Merger {
         content: &mut dyn Read,
         sink: &mut dyn Sink,
     ) -> Result<(), MergeError> {
+        let ordinal = self.ordinal;
+        self.ordinal += 1;
         match item {
             Item::Whiteout(path) => self.index.whiteout(&path, self.depth),
             Item::Opaque(dir) => self.index.opaque(&dir, self.depth),
-            Item::Entry(meta) => {
-                if let Some(left) = self.hints.duplicates.get_mut(&meta.path) {
-                    *left -= 1;
-                    if *left > 0 {
-                        // An earlier non-directory occurrence still replaced whatever lower layers had
-                        // there when extracted, subtree included; the last occurrence decides the rest.
-                        if meta.kind != Kind::Dir {
-                            self.index.whiteout(&meta.path, self.depth);
-                        }
-                        return Ok(());
-                    }
+            Item::Entry(meta) if self.hints.superseded(ordinal) => {
+                // A non-directory still replaced, when extracted, whatever lower layers had at its
+                // path, subtree included; what replaces it decides the rest.
+                if meta.kind != Kind::Dir {
+                    self.index.whiteout(&meta.path, self.depth);
                 }
-                if meta.kind == Kind::Hardlink {
-                    self.hardlink(meta, sink)?;
-                } else {
-                    self.node(meta, content, sink)?;
+                // Links made to it before it was replaced keep its content.
+                if let Some(links) = self.hints.group(ordinal).cloned() {
+                    self.emit_group(ordinal, &meta, content, Vec::new(), &links, sink)?;
                 }
             }
+            Item::Entry(meta) if meta.kind == Kind::Hardlink => {
+                self.hardlink(ordinal, meta, sink)?
+            }
+            Item::Entry(meta) => self.node(ordinal, meta, content, sink)?,
         }
         Ok(())
     }
 
     fn node(
         &mut self,
+        ordinal: u32,
         meta: EntryMeta,
         content: &mut dyn Read,
         sink: &mut dyn Sink,
@@ -216,12 +286,11 @@ impl Merger {
             return Ok(());
         }
         let waiting = self.take_pending(&meta.path);
-        let same_layer = self.hints.links.get(&meta.path);
+        let same_layer = self.hints.group(ordinal).cloned();
         if visible {
             sink.entry(&meta, content)?;
             if same_layer.is_some() {
-                self.out_names
-                    .insert(meta.path.clone(), Some(meta.path.clone()));
+                self.out_names.insert(ordinal, Some(meta.path.clone()));
             }
             for p in waiting {
                 emit_link(sink, p.link, &meta.path)?;
@@ -231,14 +300,33 @@ impl Merger {
         if waiting.is_empty() && same_layer.is_none() {
             return Ok(());
         }
-        // Hidden target with links that survive: its content goes out under the first surviving link,
-        // and the group's other links point there. The group: links from upper layers waiting on it, and
-        // for each same-layer link, the link itself (written when the layer reaches it) and upper links
-        // waiting on that link.
+        self.emit_group(
+            ordinal,
+            &meta,
+            content,
+            waiting,
+            &same_layer.unwrap_or_default(),
+            sink,
+        )
+    }
+
+    /// Content whose own name does not survive, with links that do: it goes out under the first
+    /// surviving link, and the group's other links point there. The group: links from upper layers
+    /// waiting on it, and for each same-layer link, the link itself (written when the layer reaches
+    /// it) and upper links waiting on that link.
+    fn emit_group(
+        &mut self,
+        ordinal: u32,
+        meta: &EntryMeta,
+        content: &mut dyn Read,
+        waiting: Vec<Pending>,
+        same_layer: &[Vec<u8>],
+        sink: &mut dyn Sink,
+    ) -> Result<(), MergeError> {
         let mut group: Vec<(EntryMeta, bool)> =
             waiting.into_iter().map(|p| (p.link, false)).collect();
-        for l in same_layer.cloned().unwrap_or_default() {
-            if self.index.would_admit(&l, false, self.depth) {
+        for l in same_layer {
+            if self.index.would_admit(l, false, self.depth) {
                 group.push((
                     EntryMeta {
                         path: l.clone(),
@@ -247,11 +335,11 @@ impl Merger {
                     true,
                 ));
             }
-            group.extend(self.take_pending(&l).into_iter().map(|p| (p.link, false)));
+            group.extend(self.take_pending(l).into_iter().map(|p| (p.link, false)));
         }
         let mut group = group.into_iter();
         let Some((first, _)) = group.next() else {
-            self.out_names.insert(meta.path.clone(), None);
+            self.out_names.insert(ordinal, None);
             return Ok(());
         };
         let name = first.path;
@@ -267,43 +355,56 @@ impl Merger {
                 emit_link(sink, link, &name)?;
             }
         }
-        self.out_names.insert(meta.path, Some(name));
+        self.out_names.insert(ordinal, Some(name));
         Ok(())
     }
 
-    fn hardlink(&mut self, meta: EntryMeta, sink: &mut dyn Sink) -> Result<(), MergeError> {
+    fn hardlink(
+        &mut self,
+        ordinal: u32,
+        meta: EntryMeta,
+        sink: &mut dyn Sink,
+    ) -> Result<(), MergeError> {
         let visible = self.index.admit(&meta.path, false, self.depth);
         if !visible {
             self.index.imply_parents(&meta.path, self.depth);
         }
-        let Some(resolved) = self.out_names.get(&meta.link).cloned() else {
-            // The target comes from a lower layer: hold the link, and any upper links waiting on this
-            // one, until it shows up; they all end up naming the target's output.
-            let mut held = self.take_pending(&meta.path);
-            // A link to a link held in this layer waits for the same lower target.
-            let target = self
-                .held_here
-                .get(&meta.link)
-                .cloned()
-                .unwrap_or_else(|| meta.link.clone());
-            self.held_here.insert(meta.path.clone(), target.clone());
-            if visible {
-                held.insert(
-                    0,
-                    Pending {
-                        link: meta,
-                        depth: self.depth,
-                    },
-                );
+        let source = self.hints.sources.get(&ordinal).cloned();
+        let here = match source {
+            Some(Source::Here(k)) => k,
+            Some(Source::Dir) => {
+                if !visible {
+                    return Ok(());
+                }
+                return Err(MergeError::LinkToDir {
+                    link: lossy(&meta.path),
+                    target: lossy(&meta.link),
+                });
             }
-            if !held.is_empty() {
-                self.pending.entry(target).or_default().extend(held);
+            lower => {
+                // The target comes from a lower layer: hold the link, and any upper links waiting on
+                // this one, until it shows up; they all end up naming the target's output.
+                let target = match lower {
+                    Some(Source::Lower(t)) => t,
+                    _ => meta.link.clone(),
+                };
+                let mut held = self.take_pending(&meta.path);
+                if visible {
+                    held.insert(
+                        0,
+                        Pending {
+                            link: meta,
+                            depth: self.depth,
+                        },
+                    );
+                }
+                if !held.is_empty() {
+                    self.pending.entry(target).or_default().extend(held);
+                }
+                return Ok(());
             }
-            return Ok(());
         };
-        if self.hints.links.contains_key(&meta.path) {
-            self.out_names.insert(meta.path.clone(), resolved.clone());
-        }
+        let resolved = self.out_names.get(&here).cloned().flatten();
         let waiting = self.take_pending(&meta.path);
         let Some(target) = resolved else {
             if visible || !waiting.is_empty() {
@@ -358,6 +459,7 @@ impl Merger {
                 uid: 0,
                 gid: 0,
                 mtime: 0,
+                mtime_nsec: 0,
                 size: 0,
                 link: Vec::new(),
                 dev_major: 0,
@@ -395,8 +497,10 @@ pub fn merge_tar<R: Read>(
     let mut archive = tar::Archive::new(tar);
     for e in archive.entries()? {
         let mut e = e?;
-        if let Some(item) = entry::read_item(&mut e)? {
-            merger.item(item, &mut e, sink)?;
+        match entry::read_member(&mut e)? {
+            Some((item, None)) => merger.item(item, &mut e, sink)?,
+            Some((item, Some(sparse))) => merger.item(item, &mut sparse.expand(&mut e), sink)?,
+            None => {}
         }
     }
     io::copy(&mut archive.into_inner(), &mut io::sink())?;

@@ -37,6 +37,13 @@ fn without_end(mut bytes: Vec<u8>) -> Vec<u8> {
     bytes
 }
 
+/// A 12-byte octal field.
+fn octal12(v: u64) -> [u8; 12] {
+    let mut f = [0u8; 12];
+    f[..11].copy_from_slice(format!("{v:011o}").as_bytes());
+    f
+}
+
 fn header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
     let mut h = tar::Header::new_gnu();
     h.set_entry_type(kind);
@@ -125,8 +132,13 @@ impl Layer {
         self.raw(header(tar::EntryType::Fifo, 0o644, 0), path, None, &[])
     }
     /// A file with PAX records (xattrs, big ids), written as the PAX `x` header plus the entry.
-    pub fn pax_file(
+    pub fn pax_file(self, path: &str, mode: u32, data: &[u8], records: &[(&str, &[u8])]) -> Layer {
+        self.pax_entry(tar::EntryType::Regular, path, mode, data, records)
+    }
+    /// Any entry preceded by a PAX `x` header holding `records`.
+    pub fn pax_entry(
         mut self,
+        kind: tar::EntryType,
         path: &str,
         mode: u32,
         data: &[u8],
@@ -135,10 +147,115 @@ impl Layer {
         let mut b = tar::Builder::new(Vec::new());
         b.append_pax_extensions(records.iter().map(|(k, v)| (*k, *v)))
             .unwrap();
-        let mut h = header(tar::EntryType::Regular, mode, data.len() as u64);
+        let mut h = header(kind, mode, data.len() as u64);
         b.append_data(&mut h, path, data).unwrap();
         self.tar.extend(without_end(b.into_inner().unwrap()));
         self
+    }
+    /// A PAX header with `records`, then a ustar file header whose size field says `field` while
+    /// `data` follows (the header-desync shapes).
+    pub fn pax_sized(
+        mut self,
+        path: &str,
+        field: u64,
+        data: &[u8],
+        records: &[(&str, &[u8])],
+    ) -> Layer {
+        let mut b = tar::Builder::new(Vec::new());
+        b.append_pax_extensions(records.iter().map(|(k, v)| (*k, *v)))
+            .unwrap();
+        self.tar.extend(without_end(b.into_inner().unwrap()));
+        let mut h = header(tar::EntryType::Regular, 0o644, field);
+        h.set_path(path).unwrap();
+        h.set_cksum();
+        self.tar.extend_from_slice(h.as_bytes());
+        self.push_data(data);
+        self
+    }
+    /// An old V7 entry: typeflag NUL, a directory when the name ends in `/` (what pre-POSIX tars
+    /// wrote), else a file.
+    pub fn v7(mut self, name: &str, mode: u32, data: &[u8]) -> Layer {
+        let mut h = header(tar::EntryType::Regular, mode, data.len() as u64);
+        h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+        h.as_old_mut().linkflag = [0];
+        h.set_cksum();
+        self.tar.extend_from_slice(h.as_bytes());
+        self.push_data(data);
+        self
+    }
+    /// A sparse file as GNU tar `--sparse --format=pax` writes it (`version` 1.0: the map at the
+    /// start of the data; 0.1: the map in a `GNU.sparse.map` record): `regions` (offset, bytes) of a
+    /// file of `realsize` bytes, zeros elsewhere.
+    pub fn pax_sparse(
+        mut self,
+        version: &str,
+        name: &str,
+        realsize: u64,
+        regions: &[(u64, &[u8])],
+    ) -> Layer {
+        let map: Vec<String> = regions
+            .iter()
+            .flat_map(|(o, d)| [o.to_string(), d.len().to_string()])
+            .collect();
+        let mut data = Vec::new();
+        let realsize_s = realsize.to_string();
+        let mut records: Vec<(&str, Vec<u8>)> = vec![("GNU.sparse.name", name.as_bytes().to_vec())];
+        match version {
+            "1.0" => {
+                records.push(("GNU.sparse.major", b"1".to_vec()));
+                records.push(("GNU.sparse.minor", b"0".to_vec()));
+                records.push(("GNU.sparse.realsize", realsize_s.clone().into_bytes()));
+                data.extend(format!("{}\n", regions.len()).into_bytes());
+                for m in &map {
+                    data.extend(format!("{m}\n").into_bytes());
+                }
+                data.resize(data.len().div_ceil(512) * 512, 0);
+            }
+            "0.1" => {
+                records.push(("GNU.sparse.size", realsize_s.clone().into_bytes()));
+                records.push((
+                    "GNU.sparse.numblocks",
+                    regions.len().to_string().into_bytes(),
+                ));
+                records.push(("GNU.sparse.map", map.join(",").into_bytes()));
+            }
+            other => panic!("sparse version {other}"),
+        }
+        for (_, d) in regions {
+            data.extend_from_slice(d);
+        }
+        let mut b = tar::Builder::new(Vec::new());
+        b.append_pax_extensions(records.iter().map(|(k, v)| (*k, &v[..])))
+            .unwrap();
+        self.tar.extend(without_end(b.into_inner().unwrap()));
+        let mut h = header(tar::EntryType::Regular, 0o644, data.len() as u64);
+        h.set_path(format!("GNUSparseFile.0/{name}")).unwrap();
+        h.set_cksum();
+        self.tar.extend_from_slice(h.as_bytes());
+        self.push_data(&data);
+        self
+    }
+    /// An old GNU sparse entry (typeflag `S`), regions in the header's own sparse map.
+    pub fn gnu_sparse(mut self, name: &str, realsize: u64, regions: &[(u64, &[u8])]) -> Layer {
+        assert!(regions.len() <= 4, "the header holds four regions");
+        let data: Vec<u8> = regions.iter().flat_map(|(_, d)| d.to_vec()).collect();
+        let mut h = header(tar::EntryType::GNUSparse, 0o644, data.len() as u64);
+        h.set_path(name).unwrap();
+        let gnu = h.as_gnu_mut().unwrap();
+        for (slot, (o, d)) in gnu.sparse.iter_mut().zip(regions) {
+            slot.offset = octal12(*o);
+            slot.numbytes = octal12(d.len() as u64);
+        }
+        gnu.realsize = octal12(realsize);
+        h.set_cksum();
+        self.tar.extend_from_slice(h.as_bytes());
+        self.push_data(&data);
+        self
+    }
+    fn push_data(&mut self, data: &[u8]) {
+        self.tar.extend_from_slice(data);
+        let pad = (512 - data.len() % 512) % 512;
+        self.tar.extend(std::iter::repeat_n(0u8, pad));
     }
     /// A hardlink whose target is written as given, unchecked (`../x`, `/etc/shadow`).
     pub fn raw_link(mut self, name: &str, target: &str) -> Layer {

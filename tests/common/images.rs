@@ -209,3 +209,113 @@ pub fn multiarch() -> Vec<Image> {
     arm.arch = "arm64";
     vec![amd, arm]
 }
+
+/// A base layer for the merge cases below: a bit of everything they replace.
+fn merge_base() -> Layer {
+    Layer::new()
+        .dir("a", 0o755)
+        .file("a/lower", 0o644, b"lower child")
+        .file("t", 0o644, b"lower t")
+        .file("keep", 0o644, b"kept")
+}
+
+/// A hardlink to a path its own layer writes twice (`t`, `l → t`, `t` again): `l` keeps what `t` held
+/// when the link was made. docker pull and podman pull refuse the layer (duplicate paths); containerd
+/// extracts it.
+pub fn link_to_rewritten() -> Vec<Image> {
+    let upper = Layer::new()
+        .raw_name("t", tar::EntryType::Regular, 0o644, b"first write")
+        .hardlink("l", "t", 0o644)
+        .raw_name("t", tar::EntryType::Regular, 0o600, b"second write");
+    vec![Image::new(vec![
+        (merge_base(), Comp::Gzip),
+        (upper, Comp::Gzip),
+    ])]
+}
+
+/// A directory filled and then replaced by a file in the same layer: the file wins, and neither the
+/// layer's own children nor the lower ones survive.
+pub fn dir_replaced_in_layer() -> Vec<Image> {
+    let upper = Layer::new()
+        .file("a/x", 0o644, b"own child")
+        .hardlink("keep-x", "a/x", 0o644)
+        .file("a", 0o640, b"now a file");
+    vec![Image::new(vec![
+        (merge_base(), Comp::Gzip),
+        (upper, Comp::Gzip),
+    ])]
+}
+
+/// An opaque marker at the root of a layer: every lower entry is gone.
+pub fn root_opaque() -> Vec<Image> {
+    let upper = Layer::new()
+        .file(".wh..wh..opq", 0o600, b"")
+        .file("new", 0o644, b"only this");
+    vec![Image::new(vec![
+        (merge_base(), Comp::Gzip),
+        (upper, Comp::Gzip),
+    ])]
+}
+
+/// Old V7 directory entries (typeflag NUL, trailing `/`), with children.
+pub fn v7_dirs() -> Vec<Image> {
+    let layer = Layer::new()
+        .v7("v7dir/", 0o750, b"")
+        .file("v7dir/child", 0o644, b"child")
+        .v7("v7dir/sub/", 0o700, b"")
+        .file("v7dir/sub/deeper", 0o644, b"deeper")
+        .v7("v7file", 0o644, b"a V7 file");
+    vec![Image::new(vec![
+        (merge_base(), Comp::Gzip),
+        (layer, Comp::Gzip),
+    ])]
+}
+
+/// A lower symlink `bin → usr/bin` and an upper `bin/tool` with no `bin/` entry.
+pub fn symlink_parent() -> Vec<Image> {
+    let lower = Layer::new()
+        .dir("usr", 0o755)
+        .dir("usr/bin", 0o755)
+        .file("usr/bin/app", 0o755, b"app")
+        .symlink("bin", "usr/bin");
+    let upper = Layer::new().file("bin/tool", 0o755, b"tool");
+    vec![Image::new(vec![(lower, Comp::Gzip), (upper, Comp::Gzip)])]
+}
+
+/// Sub-second PAX mtimes on a file, a directory and a symlink, over busybox (to stat them with).
+pub fn fractional_mtimes() -> Vec<Image> {
+    let mut image = busybox();
+    let layer = Layer::new()
+        .pax_entry(
+            tar::EntryType::Directory,
+            "fracdir",
+            0o755,
+            b"",
+            &[("mtime", b"1700000001.5")],
+        )
+        .pax_file(
+            "fracdir/file",
+            0o644,
+            b"nanoseconds",
+            &[("mtime", b"1700000000.123456789")],
+        )
+        .pax_file("whole", 0o644, b"w", &[("mtime", b"1700000002")]);
+    image.layers.push((layer, Comp::Gzip));
+    vec![image]
+}
+
+/// Sparse files as GNU tar writes them with `--sparse --format=pax` (map versions 1.0 and 0.1).
+pub fn pax_sparse() -> Vec<Image> {
+    let regions: &[(u64, &[u8])] = &[(0, b"head"), (1 << 20, b"middle"), (3 << 20, b"tail")];
+    let layer = Layer::new()
+        .dir("sparse", 0o755)
+        .pax_sparse("1.0", "sparse/v10", (3 << 20) + 4, regions)
+        .pax_sparse("0.1", "sparse/v01", (3 << 20) + 4, regions)
+        // A hole at the end: the real size is past the last region.
+        .pax_sparse("1.0", "sparse/tail-hole", 10_000, &[(512, b"x")])
+        .file("after", 0o644, b"after the sparse files");
+    vec![Image::new(vec![
+        (merge_base(), Comp::Gzip),
+        (layer, Comp::Gzip),
+    ])]
+}

@@ -7,6 +7,7 @@ pub mod images;
 pub mod proxy;
 pub mod registry;
 pub mod schema1;
+pub mod squashing;
 pub mod token;
 
 use std::collections::BTreeMap;
