@@ -289,7 +289,30 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        LIVE.lock().unwrap().retain(|pid| *pid != self.child.id());
     }
+}
+
+/// Servers not dropped yet. Static ones (shared by the tests of a binary) never are, and a server that
+/// outlived its test binary would hold the binary's output open (`cargo test | grep` would hang):
+/// whatever is left is killed when the binary exits.
+static LIVE: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+
+extern "C" fn kill_live_servers() {
+    let live = LIVE.lock().map(|l| l.clone()).unwrap_or_default();
+    for pid in live {
+        // SAFETY: kill(2) with a pid this binary spawned and has not reaped.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    }
+}
+
+fn track(pid: u32) {
+    static AT_EXIT: std::sync::Once = std::sync::Once::new();
+    AT_EXIT.call_once(|| {
+        // SAFETY: registers a function that only reads a mutex and sends signals.
+        assert_eq!(unsafe { libc::atexit(kill_live_servers) }, 0);
+    });
+    LIVE.lock().unwrap().push(pid);
 }
 
 impl Server {
@@ -354,6 +377,7 @@ impl Server {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
+        track(child.id());
         let mut stderr = BufReader::new(child.stderr.take().unwrap());
         let mut line = String::new();
         let url = loop {
