@@ -1,4 +1,4 @@
-//! The docker-load archive of a squashed image (FORMATS.md §1): `<id>/layer.tar` first, its size fixed
+//! The docker-load archive of a squashed image (docs/FORMATS.md §1): `<id>/layer.tar` first, its size fixed
 //! in its header before its content exists; then the legacy `<id>/json` and `<id>/VERSION`, the image
 //! config (the image's own, with the one new diff_id and a one-entry history), `manifest.json` and
 //! `repositories`. Every member after the layer has a length known in advance (digests are fixed

@@ -2,7 +2,7 @@
 //! [`index::Index`] of what upper layers decided, and kept entries go straight to a [`Sink`]. Nothing
 //! but paths is remembered; file contents pass through.
 //!
-//! Hardlinks are the one thing a top-down pass cannot decide alone (FORMATS.md §3):
+//! Hardlinks are the one thing a top-down pass cannot decide alone (docs/FORMATS.md §3):
 //! - a link to a file of a lower layer is held back until that layer yields the target, then written
 //!   right after it (extraction needs the target first);
 //! - a link whose target an upper layer deleted or replaced gets the target's content itself: the target

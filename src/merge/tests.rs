@@ -1,7 +1,7 @@
 //! The merger against a model extractor: layers applied bottom-up to an in-memory file system the way
 //! the OCI spec says (a layer's whiteouts act on lower layers only, later entries replace earlier ones,
 //! hardlinks share the content the target has at that point), compared with extracting the merged
-//! output onto an empty one. Hand-written scenarios cover FORMATS.md §3; a seeded random walk covers
+//! output onto an empty one. Hand-written scenarios cover docs/FORMATS.md §3; a seeded random walk covers
 //! their combinations.
 
 mod model;

@@ -37,7 +37,7 @@ impl std::fmt::Debug for Credentials {
     }
 }
 
-/// Every manifest type strata reads (FORMATS.md §4), schema 1 last and least preferred: a registry
+/// Every manifest type strata reads (docs/FORMATS.md §4), schema 1 last and least preferred: a registry
 /// that has a schema 2 manifest then serves it, where one asked for schema 1 only would convert it
 /// to schema 1 (distribution does, for a client that does not name schema 2).
 pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \

@@ -1,4 +1,4 @@
-//! The appc ACI (spec 0.8.11, FORMATS.md §5): an explicit `rootfs` directory, the merged tree under
+//! The appc ACI (spec 0.8.11, docs/FORMATS.md §5): an explicit `rootfs` directory, the merged tree under
 //! `rootfs/`, then the `manifest` member, rendered last because the user and group it names are resolved
 //! against the merged `/etc/passwd` and `/etc/group`, which [`RootfsSink`] keeps as they pass.
 //! Nothing in it depends on time or map order, so the same image gives the same bytes, which is what
