@@ -1,0 +1,236 @@
+//! The streaming half of a conversion: on a blocking thread, layers fetched top-down (the next one
+//! while the current one merges), merged into the output format, written into the body channel.
+
+use std::io::{self, BufReader, Write};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use sha2::{Digest as _, Sha256};
+use tokio::runtime::Handle;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::io::{StreamReader, SyncIoBridge};
+
+use super::body::ChannelWriter;
+use super::error::{caused_by, layer_error_io};
+use super::{ByteStream, CHANNEL_DEPTH, READ_BUF};
+use crate::entry;
+use crate::format::aci::{AciArchive, RootfsSink};
+use crate::format::docker_archive::{DockerArchive, LayerWriter, SizeExceeded};
+use crate::layer;
+use crate::limits::{Budget, Guard, Limits};
+use crate::manifest::{LayerDescriptor, ResolvedImage};
+use crate::merge::{merge_tar, LayerHints, Merger, Sink, TarSink};
+use crate::reference::Reference;
+use crate::registry::Credentials;
+use crate::sign::{InFlight, Signatures, Signer};
+use crate::source::{read_ahead, BlobStream, Source};
+use crate::stats::Alive;
+use crate::summary::Store;
+
+/// The streaming half of a conversion, run on a blocking thread.
+pub(super) struct Job {
+    pub(super) source: Source,
+    pub(super) store: Store,
+    pub(super) reference: Reference,
+    pub(super) credentials: Credentials,
+    pub(super) image: ResolvedImage,
+    pub(super) hints: Vec<LayerHints>,
+    pub(super) output: Output,
+    pub(super) limits: Limits,
+    /// Dropped with the job, when its thread ends.
+    pub(super) _alive: Alive,
+}
+
+pub(super) enum Output {
+    Docker(DockerArchive),
+    Aci {
+        archive: Box<AciArchive>,
+        signing: Option<Signing>,
+    },
+}
+
+/// Signing an ACI while it streams, and keeping the signature.
+pub(super) struct Signing {
+    pub(super) signer: Arc<Signer>,
+    pub(super) signatures: Signatures,
+    pub(super) in_flight: InFlight,
+}
+
+impl Job {
+    /// The body: the conversion starts when it is first polled, so a response that sends no body
+    /// (HEAD, or a client gone before the first byte) fetches no layer.
+    pub(super) fn start(self) -> ByteStream {
+        let mut job = Some(self);
+        let mut running: Option<ByteStream> = None;
+        Box::pin(futures::stream::poll_fn(move |cx| {
+            let body = running.get_or_insert_with(|| job.take().expect("started once").spawn());
+            body.as_mut().poll_next(cx)
+        }))
+    }
+
+    fn spawn(self) -> ByteStream {
+        let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
+        let handle = Handle::current();
+        let format = match self.output {
+            Output::Docker(_) => "squash",
+            Output::Aci { .. } => "aci",
+        };
+        let span = tracing::info_span!("convert", format, image = %self.reference, manifest = %self.image.manifest_digest);
+        tokio::task::spawn_blocking(move || {
+            let _enter = span.enter();
+            let mut out = ChannelWriter::new(tx.clone());
+            let result = self.run(&mut out, &handle).and_then(|()| out.flush());
+            if let Err(e) = result {
+                if caused_by::<SizeExceeded>(&e) {
+                    let blobs: Vec<String> = self
+                        .image
+                        .layers
+                        .iter()
+                        .map(|l| l.digest.hex().to_string())
+                        .collect();
+                    let blobs: Vec<&str> = blobs.iter().map(String::as_str).collect();
+                    self.store.forget(self.image.manifest_digest.hex(), &blobs);
+                }
+                if e.kind() == io::ErrorKind::BrokenPipe {
+                    tracing::info!("client went away; conversion stopped");
+                } else {
+                    tracing::error!(error = %e, "conversion failed after the response started");
+                    let _ = tx.blocking_send(Err(e));
+                }
+            }
+        });
+        Box::pin(ReceiverStream::new(rx))
+    }
+
+    /// Starts fetching a layer on the runtime: the request, then [`read_ahead`].
+    fn fetch(&self, layer: &LayerDescriptor, handle: &Handle) -> Fetch {
+        let (source, reference, credentials) = (
+            self.source.clone(),
+            self.reference.clone(),
+            self.credentials.clone(),
+        );
+        let (digest, size) = (layer.digest.clone(), layer.size);
+        Fetch(handle.spawn(async move {
+            let stream = source
+                .blob(&reference, &digest, size, &credentials)
+                .await
+                .map_err(|e| io::Error::other(format!("layer {digest}: {e}")))?;
+            Ok(read_ahead(stream))
+        }))
+    }
+
+    fn run(&self, out: &mut ChannelWriter, handle: &Handle) -> io::Result<()> {
+        match &self.output {
+            Output::Docker(archive) => self.run_docker(archive, out, handle),
+            Output::Aci { archive, signing } => {
+                self.run_aci(archive, signing.as_ref(), out, handle)
+            }
+        }
+    }
+
+    fn run_docker(
+        &self,
+        archive: &DockerArchive,
+        out: &mut ChannelWriter,
+        handle: &Handle,
+    ) -> io::Result<()> {
+        archive.write_head(out)?;
+        // The first byte leaves now, not when a chunk fills: the client learns the transfer has begun.
+        out.flush()?;
+        out.tap_next(archive.layer_size(), sha256_tap);
+        let mut layer_out = LayerWriter::new(&mut *out, archive.layer_size());
+        let mut sink = TarSink(&mut layer_out);
+        self.merge_layers(&mut sink, handle)?;
+        entry::write_end(&mut sink.0)?;
+        layer_out.finish()?;
+        let diff_id = String::from_utf8(out.finish_tap()?).expect("hex digest");
+        archive.write_tail(out, &diff_id)
+    }
+
+    fn run_aci(
+        &self,
+        archive: &AciArchive,
+        signing: Option<&Signing>,
+        out: &mut ChannelWriter,
+        handle: &Handle,
+    ) -> io::Result<()> {
+        if let Some(s) = signing {
+            let signer = s.signer.clone();
+            out.tap_next(u64::MAX, move |chunks| signer.sign_stream(chunks));
+        }
+        archive.write_head(out)?;
+        out.flush()?;
+        let mut sink = RootfsSink::new(TarSink(&mut *out));
+        self.merge_layers(&mut sink, handle)?;
+        let accounts = std::mem::take(&mut sink.accounts);
+        drop(sink);
+        archive.write_tail(out, &accounts)?;
+        if let Some(s) = signing {
+            // Kept before the last bytes leave: a client that asks for the signature as soon as its
+            // download ends finds it.
+            let signature = out.finish_tap()?;
+            s.signatures
+                .save(s.in_flight.key(), &String::from_utf8_lossy(&signature));
+        }
+        Ok(())
+    }
+
+    /// Merges the layers top-down into `sink`.
+    fn merge_layers(&self, sink: &mut dyn Sink, handle: &Handle) -> io::Result<()> {
+        let mut merger = Merger::new();
+        let budget = Arc::new(Budget::default());
+        let layers: Vec<_> = self.image.layers.iter().zip(&self.hints).rev().collect();
+        // One layer is fetched ahead: its request and first chunks overlap the merge of the one above.
+        let mut next = layers.first().map(|(layer, _)| self.fetch(layer, handle));
+        for (depth, (layer, hints)) in layers.iter().enumerate() {
+            let _span =
+                tracing::debug_span!("layer", digest = %layer.digest, size = layer.size).entered();
+            merger.begin_layer(depth as u32, (*hints).clone());
+            // What is ready goes out while this layer's fetch may still wait on the network.
+            sink.flush()?;
+            let this = next.take().expect("fetched ahead");
+            next = layers.get(depth + 1).map(|(l, _)| self.fetch(l, handle));
+            let stream = this.wait(handle)?;
+            let reader = SyncIoBridge::new_with_handle(StreamReader::new(stream), handle.clone());
+            // No draining as in `scan_layer` here: once the response has started, any failure aborts
+            // it alike, and draining the blob would keep a fetch going after the client left.
+            let tar = Guard::new(
+                layer::decompress(
+                    layer.compression,
+                    BufReader::with_capacity(READ_BUF, reader),
+                ),
+                self.limits,
+                budget.clone(),
+            );
+            merge_tar(&mut merger, tar, sink).map_err(|e| layer_error_io(&layer.digest, e))?;
+        }
+        merger.finish(sink).map_err(io::Error::from)
+    }
+}
+
+/// `sha256:…` of every chunk received.
+fn sha256_tap(chunks: std::sync::mpsc::Receiver<Bytes>) -> io::Result<Vec<u8>> {
+    let mut hasher = Sha256::new();
+    for chunk in chunks {
+        hasher.update(&chunk);
+    }
+    Ok(format!("sha256:{}", hex::encode(hasher.finalize())).into_bytes())
+}
+
+/// A layer fetch started on the runtime; aborted if dropped before it is waited for.
+struct Fetch(tokio::task::JoinHandle<io::Result<BlobStream>>);
+
+impl Fetch {
+    fn wait(mut self, handle: &Handle) -> io::Result<BlobStream> {
+        handle
+            .block_on(&mut self.0)
+            .map_err(|e| io::Error::other(format!("layer fetch failed: {e}")))?
+    }
+}
+
+impl Drop for Fetch {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
