@@ -51,6 +51,24 @@ fn invalid(reference: &Reference, what: impl fmt::Display) -> SourceError {
     RegistryError::Invalid(format!("{reference}: {what}"))
 }
 
+/// `--max-layers`, for every manifest format.
+fn check_layer_count(
+    reference: &Reference,
+    count: u64,
+    limits: &Limits,
+) -> Result<(), SourceError> {
+    if count > limits.max_layers {
+        return Err(limit(
+            reference,
+            format!("{count} layers"),
+            "the layer count",
+            limits.max_layers,
+            "max-layers",
+        ));
+    }
+    Ok(())
+}
+
 fn limit(
     reference: &Reference,
     context: String,
@@ -142,15 +160,7 @@ fn resolve_schema1(
     }
     let image = schema1::parse(&payload).map_err(|e| invalid(reference, e))?;
     let count = image.layers.len() as u64;
-    if count > limits.max_layers {
-        return Err(limit(
-            reference,
-            format!("{count} layers"),
-            "the layer count",
-            limits.max_layers,
-            "max-layers",
-        ));
-    }
+    check_layer_count(reference, count, limits)?;
     let (config, image_platform) = parse_config(
         reference,
         &serde_json::to_vec(&image.config).expect("a JSON value serialises"),
@@ -250,15 +260,7 @@ pub fn parse_image_manifest(
     let manifest: ImageManifest = serde_json::from_slice(bytes)
         .map_err(|e| invalid(reference, format!("bad image manifest: {e}")))?;
     let count = manifest.layers().len() as u64;
-    if count > limits.max_layers {
-        return Err(limit(
-            reference,
-            format!("{count} layers"),
-            "the layer count",
-            limits.max_layers,
-            "max-layers",
-        ));
-    }
+    check_layer_count(reference, count, limits)?;
     let mut layers = Vec::new();
     for l in manifest.layers() {
         let media_type = l.media_type().to_string();
