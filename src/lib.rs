@@ -19,6 +19,7 @@
 //! - [`convert`]: one conversion from request to byte stream, the sync/async boundary.
 //! - [`server`]: the HTTP front: routes, errors as JSON, streaming bodies.
 //! - [`stats`]: what is in flight (live conversions, runtime tasks), for `GET /debug/stats`.
+//! - [`store`]: the content-addressed store of derived images (blobs, manifests, tags, keys, GC).
 //! - [`version`]: the output version, part of every key of derived bytes and remembered state.
 //! - [`cli`]: command-line flags turned into a validated configuration.
 //! - [`sample`]: a generated sample image as an OCI layout, to try strata offline.
@@ -43,5 +44,6 @@ pub mod server;
 pub mod sign;
 pub mod source;
 pub mod stats;
+pub mod store;
 pub mod summary;
 pub mod version;

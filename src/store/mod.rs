@@ -1,0 +1,200 @@
+//! The content-addressed store of derived images: blobs by digest, manifests and tags per repository,
+//! derived-artifact keys, LRU eviction and online GC. A library for now; the `/v2/` registry view and
+//! the tarball routes will serve from it (issue 9), and replicas will share it on object storage
+//! (issue 10). All of it is synchronous: the conversion writes on a blocking thread, async callers use
+//! `spawn_blocking` (or `SyncIoBridge`).
+//!
+//! - [`backend`]: the narrow trait of object operations; [`fs`] implements it on a directory.
+//! - [`blob`]: verifying writer, ranged reader, leases.
+//! - [`names`]: repository and tag names, checked against the distribution spec.
+//! - [`repo`]: manifest links, tags, listings.
+//! - [`key`]: what fixes a derived artifact's bytes, as a stable key.
+//! - [`gc`]: LRU eviction under a byte bound, mark-and-sweep with a grace period.
+//!
+//! Layout (object keys): `blobs/<alg>/<hex>`, `repositories/<name>/_manifests/<alg>/<hex>` (a link:
+//! the manifest is a blob), `repositories/<name>/_tags/<tag>` (the digest's text), `derived/<sha256
+//! of the key's text>`. The `_` prefix cannot begin a repository path component, so a repository
+//! named `a/_tags` cannot exist and the layout is unambiguous.
+//!
+//! The guarantees, and how each maps onto an object store:
+//! - *Visible only complete and verified*: here a temp file in `tmp/`, fsynced, then `link(2)`; on S3
+//!   a multipart upload whose completion (the only step that makes the key exist) comes after the
+//!   digest check, with abandoned uploads removed by a bucket lifecycle rule (the `tmp/` cleaning).
+//! - *One copy per digest, racing writers need no lock*: `link(2)` fails on an existing name; on S3
+//!   `PutObject`/`CompleteMultipartUpload` with `If-None-Match: *` (412 = already there = success).
+//! - *Tags replaced atomically*: `rename(2)`; a plain PUT on S3, which is atomic per object.
+//! - *Publish order blobs → manifest link → tag*: [`Store::put_manifest`] refuses a manifest whose
+//!   blobs are not stored, and [`Store::set_tag`] one that is not linked; per-object atomicity is all
+//!   either backend needs for that.
+//! - *Access time*: the modification time, set by [`backend::Backend::touch`]; on S3 a self-copy
+//!   with replaced metadata, or batched per process (that is why touching happens only when a lease
+//!   ends, not per read).
+//! - *Leases and GC*: leases are per process; across replicas a blob being published is protected by
+//!   the grace period (it must exceed the longest publication) and GC runs on one leader holding a
+//!   lease object made by conditional create (issue 10), as distribution/distribution#3937 shows
+//!   concurrent sweeps on S3 are unsafe.
+
+pub mod backend;
+pub mod blob;
+pub mod fs;
+pub mod gc;
+pub mod key;
+pub mod names;
+pub mod repo;
+
+use std::io;
+use std::ops::Range;
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::digest::{Digest, DigestError};
+use backend::{Backend, Meta};
+use blob::Pins;
+pub use blob::{BlobReader, BlobWriter, Lease, Published};
+pub use key::ArtifactKey;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store I/O on {key}: {source}")]
+    Io {
+        key: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Digest(#[from] DigestError),
+    #[error("blob {0} is not stored")]
+    BlobUnknown(Digest),
+    #[error("bytes {start}-{end} are outside blob {digest} of {size} bytes")]
+    Range {
+        digest: Digest,
+        start: u64,
+        end: u64,
+        size: u64,
+    },
+    #[error("invalid repository name {0:?} (distribution-spec path components)")]
+    InvalidRepository(String),
+    #[error("invalid tag {0:?} (distribution-spec: [A-Za-z0-9_][A-Za-z0-9._-]{{0,127}})")]
+    InvalidTag(String),
+    #[error("manifest {manifest} refers to {missing}, which is not stored: publish blobs first")]
+    MissingBlob { manifest: Digest, missing: Digest },
+    #[error("manifest {digest} is not in repository {repository}")]
+    ManifestUnknown { repository: String, digest: Digest },
+    #[error("manifest {digest} cannot be read: {reason}")]
+    InvalidManifest { digest: Digest, reason: String },
+    #[error("stored record {key} is damaged: {reason}")]
+    Damaged { key: String, reason: String },
+}
+
+impl StoreError {
+    pub(crate) fn io(key: &str) -> impl FnOnce(io::Error) -> StoreError + '_ {
+        move |source| StoreError::Io {
+            key: key.to_string(),
+            source,
+        }
+    }
+}
+
+pub(crate) fn blob_key(digest: &Digest) -> String {
+    format!("blobs/{}/{}", digest.algorithm().name(), digest.hex())
+}
+
+/// The store: cheap to clone, shared by every request.
+#[derive(Clone)]
+pub struct Store {
+    backend: Arc<dyn Backend>,
+    pins: Arc<Pins>,
+}
+
+impl Store {
+    /// The store in a local directory (created if missing; stale uploads of a crash removed).
+    pub fn open_dir(root: &Path) -> Result<Store, StoreError> {
+        let fs = fs::FsBackend::open(root).map_err(StoreError::io("tmp/"))?;
+        Ok(Store::with_backend(Arc::new(fs)))
+    }
+
+    pub fn with_backend(backend: Arc<dyn Backend>) -> Store {
+        Store {
+            backend,
+            pins: Arc::default(),
+        }
+    }
+
+    /// A writer for a blob whose digest is known (a registry blob: digest and size, or
+    /// [`crate::digest::SIZE_UNKNOWN`], verified at the end) or not (`None`: a conversion's output,
+    /// sha256 of what is written).
+    pub fn blob_writer(&self, expected: Option<(Digest, u64)>) -> Result<BlobWriter, StoreError> {
+        BlobWriter::new(self.backend.clone(), self.pins.clone(), expected)
+    }
+
+    /// Stores a small blob held in memory (manifests, configs).
+    pub fn put_blob(&self, bytes: &[u8]) -> Result<Published, StoreError> {
+        let mut w = self.blob_writer(None)?;
+        io::Write::write_all(&mut w, bytes).map_err(StoreError::io("upload"))?;
+        w.finish()
+    }
+
+    pub fn stat_blob(&self, digest: &Digest) -> Result<Option<Meta>, StoreError> {
+        let key = blob_key(digest);
+        self.backend.stat(&key).map_err(StoreError::io(&key))
+    }
+
+    /// Leases a stored blob (`None` if it is not stored): what refers to an existing blob without
+    /// writing it holds this until its own link is published.
+    pub fn lease(&self, digest: &Digest) -> Result<Option<Lease>, StoreError> {
+        let lease = Lease::take(&self.backend, &self.pins, digest);
+        Ok(self.stat_blob(digest)?.map(|_| lease))
+    }
+
+    /// Opens a blob for reading, whole or the half-open byte `range` (HTTP `Range`, converted).
+    pub fn open_blob(
+        &self,
+        digest: &Digest,
+        range: Option<Range<u64>>,
+    ) -> Result<BlobReader, StoreError> {
+        let lease = Lease::take(&self.backend, &self.pins, digest);
+        let key = blob_key(digest);
+        let meta = self
+            .stat_blob(digest)?
+            .ok_or_else(|| StoreError::BlobUnknown(digest.clone()))?;
+        let range = range.unwrap_or(0..meta.size);
+        if range.start > range.end || range.end > meta.size {
+            return Err(StoreError::Range {
+                digest: digest.clone(),
+                start: range.start,
+                end: range.end,
+                size: meta.size,
+            });
+        }
+        let inner = self
+            .backend
+            .get(&key, Some(range.clone()))
+            .map_err(StoreError::io(&key))?
+            .ok_or_else(|| StoreError::BlobUnknown(digest.clone()))?;
+        Ok(BlobReader {
+            inner,
+            size: meta.size,
+            range,
+            _lease: lease,
+        })
+    }
+
+    /// A whole small blob in memory, at most `limit` bytes (manifests).
+    pub(crate) fn read_small(&self, digest: &Digest, limit: u64) -> Result<Vec<u8>, StoreError> {
+        let mut r = self.open_blob(digest, None)?;
+        if r.size > limit {
+            return Err(StoreError::InvalidManifest {
+                digest: digest.clone(),
+                reason: format!("{} bytes, more than {limit}", r.size),
+            });
+        }
+        let mut out = Vec::with_capacity(r.size as usize);
+        io::Read::read_to_end(&mut r, &mut out).map_err(StoreError::io(&blob_key(digest)))?;
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests;
+#[cfg(test)]
+mod tests_space;

@@ -1,0 +1,152 @@
+//! Eviction and GC on temporary directories, with writers and readers running.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::tests::{age, manifest, store};
+use super::*;
+
+#[test]
+fn eviction_removes_least_recent_and_keeps_leased() {
+    let (dir, store) = store();
+    let blobs: Vec<Digest> = (0..5u8)
+        .map(|i| store.put_blob(&[i; 100]).unwrap().digest)
+        .collect();
+    for (i, d) in blobs.iter().enumerate() {
+        age(dir.path(), d, 1000 - i as u64 * 100); // blobs[0] least recent
+    }
+    let reader = store.open_blob(&blobs[0], None).unwrap();
+    let report = store.evict(250).unwrap();
+    assert_eq!(report.removed, blobs[1..4].to_vec());
+    assert_eq!(report.bytes, 200);
+    drop(reader);
+    assert!(
+        store.stat_blob(&blobs[0]).unwrap().is_some()
+            && store.stat_blob(&blobs[4]).unwrap().is_some()
+    );
+    // The reader's end counted as an access: blobs[0] is now the most recent.
+    assert_eq!(store.evict(100).unwrap().removed, [blobs[4].clone()]);
+}
+
+#[test]
+fn gc_removes_exactly_unreferenced_old_blobs() {
+    let (dir, store) = store();
+    let put = |b: &[u8]| store.put_blob(b).unwrap().digest;
+    let (cfg, layer, orphan, young, leased) = (
+        put(b"cfg"),
+        put(b"layer"),
+        put(b"orphan"),
+        put(b"young"),
+        put(b"leased"),
+    );
+    let (child_cfg, derived_cfg) = (put(b"child cfg"), put(b"derived cfg"));
+    let linked = store
+        .put_manifest("r", &manifest(&cfg, &[&layer]))
+        .unwrap()
+        .digest;
+    // An index whose child manifest is a blob only the index names.
+    let child = put(&manifest(&child_cfg, &[]));
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [{"digest": child.to_string(), "size": 1}]});
+    let index = store
+        .put_manifest("r", &serde_json::to_vec(&index).unwrap())
+        .unwrap()
+        .digest;
+    let derived = put(&manifest(&derived_cfg, &[]));
+    store
+        .put_derived(&ArtifactKey::new(Digest::of(b"src"), "aci"), &derived)
+        .unwrap();
+    let everything = [
+        &cfg,
+        &layer,
+        &orphan,
+        &young,
+        &leased,
+        &child_cfg,
+        &derived_cfg,
+        &linked,
+        &child,
+        &index,
+        &derived,
+    ];
+    for d in everything {
+        if *d != young {
+            age(dir.path(), d, 7200);
+        }
+    }
+    let lease = store.lease(&leased).unwrap().unwrap();
+    let report = store.gc(Duration::from_secs(3600)).unwrap();
+    assert_eq!(report.removed, std::slice::from_ref(&orphan));
+    assert_eq!((report.spared, report.referenced), (2, 8));
+    for d in everything.iter().filter(|d| ***d != orphan) {
+        assert!(store.stat_blob(d).unwrap().is_some(), "{d} removed");
+    }
+    drop(lease);
+    // Unlinking the manifest frees it and its blobs (once old enough).
+    store.delete_manifest("r", &linked).unwrap();
+    for d in [&cfg, &layer, &linked, &leased] {
+        age(dir.path(), d, 7200);
+    }
+    let mut removed = store.gc(Duration::from_secs(3600)).unwrap().removed;
+    removed.sort();
+    let mut expected = vec![cfg, layer, linked, leased];
+    expected.sort();
+    assert_eq!(removed, expected);
+}
+
+/// A writer re-publishing blobs that exist, unreferenced and old, then linking a manifest to them,
+/// while GC sweeps in a loop with no grace: every linked manifest must keep all its blobs.
+#[test]
+fn gc_racing_writers_never_loses_a_published_blob() {
+    for round in 0..8 {
+        let (dir, store) = store();
+        let contents: Vec<Vec<u8>> = (0..40u32)
+            .map(|i| format!("{round} blob {i}").into_bytes())
+            .collect();
+        for c in &contents {
+            let d = store.put_blob(c).unwrap().digest;
+            age(dir.path(), &d, 7200);
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let sweeper = {
+            let (store, stop) = (store.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut removed = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    removed += store.gc(Duration::ZERO).unwrap().removed.len();
+                }
+                removed
+            })
+        };
+        // Pairs (config, layer) re-written, then linked; odd blobs stay unreferenced.
+        for (i, pair) in contents.chunks(4).enumerate() {
+            let cfg = store.put_blob(&pair[0]).unwrap();
+            let layer = store.put_blob(&pair[2]).unwrap();
+            let m = manifest(&cfg.digest, &[&layer.digest]);
+            let published = store.put_manifest("race", &m).unwrap();
+            store
+                .set_tag("race", &format!("t{i}"), &published.digest)
+                .unwrap();
+        }
+        stop.store(true, Ordering::Relaxed);
+        sweeper.join().unwrap();
+        let removed = store.gc(Duration::ZERO).unwrap().removed.len();
+        for tag in store.tags("race", None, None).unwrap() {
+            let m = store.tag("race", &tag).unwrap().unwrap();
+            let bytes = store.read_small(&m, repo::MAX_MANIFEST_BYTES).unwrap();
+            for d in repo::references(&m, &bytes).unwrap().all() {
+                assert!(
+                    store.stat_blob(d).unwrap().is_some(),
+                    "round {round}: {d} of {tag} lost"
+                );
+            }
+        }
+        // The odd blobs were old and unreferenced: by now every one is gone.
+        let left = store.backend.list("blobs/").unwrap().len();
+        assert_eq!(
+            left,
+            10 * 3,
+            "round {round}: {left} blobs left ({removed} in the last sweep)"
+        );
+    }
+}
