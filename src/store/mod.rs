@@ -179,17 +179,23 @@ impl Store {
         })
     }
 
-    /// A whole small blob in memory, at most `limit` bytes (manifests).
+    /// A whole small blob in memory, at most `limit` bytes (manifests). Unleased, so not an access:
+    /// GC's mark reads every manifest, and must not make them all recent for LRU eviction.
     pub(crate) fn read_small(&self, digest: &Digest, limit: u64) -> Result<Vec<u8>, StoreError> {
-        let mut r = self.open_blob(digest, None)?;
-        if r.size > limit {
+        let key = blob_key(digest);
+        let unknown = || StoreError::BlobUnknown(digest.clone());
+        let meta = self.stat_blob(digest)?.ok_or_else(unknown)?;
+        if meta.size > limit {
             return Err(StoreError::InvalidManifest {
                 digest: digest.clone(),
-                reason: format!("{} bytes, more than {limit}", r.size),
+                reason: format!("{} bytes, more than {limit}", meta.size),
             });
         }
-        let mut out = Vec::with_capacity(r.size as usize);
-        io::Read::read_to_end(&mut r, &mut out).map_err(StoreError::io(&blob_key(digest)))?;
+        let r = self.backend.get(&key, None).map_err(StoreError::io(&key))?;
+        let mut out = Vec::with_capacity(meta.size as usize);
+        // take(): the blob is immutable, but a bound on what is read should not rest on that.
+        io::Read::read_to_end(&mut io::Read::take(r.ok_or_else(unknown)?, limit), &mut out)
+            .map_err(StoreError::io(&key))?;
         Ok(out)
     }
 }
