@@ -103,6 +103,28 @@ impl Store {
         Ok(published)
     }
 
+    /// Whether a manifest and everything it names (through indexes) are stored. Eviction removes
+    /// blobs, not manifests: a record or link whose manifest is incomplete is a miss to convert again.
+    pub fn complete(&self, manifest: &Digest) -> Result<bool, StoreError> {
+        let bytes = match self.read_small(manifest, MAX_MANIFEST_BYTES) {
+            Ok(b) => b,
+            Err(StoreError::BlobUnknown(_)) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let refs = references(manifest, &bytes)?;
+        for b in &refs.blobs {
+            if self.stat_blob(b)?.is_none() {
+                return Ok(false);
+            }
+        }
+        for m in &refs.manifests {
+            if !self.complete(m)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     pub fn has_manifest(&self, repo: &str, digest: &Digest) -> Result<bool, StoreError> {
         check_repository(repo)?;
         let key = link_key(repo, digest);

@@ -157,3 +157,31 @@ fn gc_racing_writers_never_loses_a_published_blob() {
         );
     }
 }
+
+#[test]
+fn eviction_of_a_layer_makes_its_manifest_incomplete() {
+    let (dir, store) = store();
+    let cfg = store.put_blob(b"cfg").unwrap().digest;
+    let layer = store.put_blob(&[1; 1000]).unwrap().digest;
+    let m = store
+        .put_manifest("r", &manifest(&cfg, &[&layer]))
+        .unwrap()
+        .digest;
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [{"digest": m.to_string(), "size": 1}]});
+    let index = store
+        .put_blob(&serde_json::to_vec(&index).unwrap())
+        .unwrap()
+        .digest;
+    assert!(store.complete(&m).unwrap() && store.complete(&index).unwrap());
+    age(dir.path(), &layer, 100);
+    assert_eq!(store.evict(500).unwrap().removed, [layer]);
+    assert!(
+        !store.complete(&m).unwrap(),
+        "a manifest without its layer is served"
+    );
+    assert!(
+        !store.complete(&index).unwrap(),
+        "an index without a child's layer is served"
+    );
+    assert!(!store.complete(&Digest::of(b"absent")).unwrap());
+}
