@@ -37,6 +37,13 @@ fn without_end(mut bytes: Vec<u8>) -> Vec<u8> {
     bytes
 }
 
+/// A PAX extended header (`x` member) holding `records`, as tar-rs writes it.
+fn pax_header<'a>(records: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    b.append_pax_extensions(records).unwrap();
+    without_end(b.into_inner().unwrap())
+}
+
 /// A 12-byte octal field.
 fn octal12(v: u64) -> [u8; 12] {
     let mut f = [0u8; 12];
@@ -144,9 +151,9 @@ impl Layer {
         data: &[u8],
         records: &[(&str, &[u8])],
     ) -> Layer {
+        self.tar
+            .extend(pax_header(records.iter().map(|(k, v)| (*k, *v))));
         let mut b = tar::Builder::new(Vec::new());
-        b.append_pax_extensions(records.iter().map(|(k, v)| (*k, *v)))
-            .unwrap();
         let mut h = header(kind, mode, data.len() as u64);
         b.append_data(&mut h, path, data).unwrap();
         self.tar.extend(without_end(b.into_inner().unwrap()));
@@ -161,10 +168,8 @@ impl Layer {
         data: &[u8],
         records: &[(&str, &[u8])],
     ) -> Layer {
-        let mut b = tar::Builder::new(Vec::new());
-        b.append_pax_extensions(records.iter().map(|(k, v)| (*k, *v)))
-            .unwrap();
-        self.tar.extend(without_end(b.into_inner().unwrap()));
+        self.tar
+            .extend(pax_header(records.iter().map(|(k, v)| (*k, *v))));
         let mut h = header(tar::EntryType::Regular, 0o644, field);
         h.set_path(path).unwrap();
         h.set_cksum();
@@ -224,10 +229,8 @@ impl Layer {
         for (_, d) in regions {
             data.extend_from_slice(d);
         }
-        let mut b = tar::Builder::new(Vec::new());
-        b.append_pax_extensions(records.iter().map(|(k, v)| (*k, &v[..])))
-            .unwrap();
-        self.tar.extend(without_end(b.into_inner().unwrap()));
+        self.tar
+            .extend(pax_header(records.iter().map(|(k, v)| (*k, &v[..]))));
         let mut h = header(tar::EntryType::Regular, 0o644, data.len() as u64);
         h.set_path(format!("GNUSparseFile.0/{name}")).unwrap();
         h.set_cksum();
