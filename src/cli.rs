@@ -7,12 +7,14 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 
 use crate::convert::ConverterConfig;
+use crate::format::image::WireCompression;
 use crate::limits::{self, Limits};
 use crate::manifest::Platform;
 use crate::reference::DOCKER_HUB;
 use crate::registry::{ServiceCredentials, DEFAULT_IDLE_TIMEOUT, DEFAULT_RESPONSE_TIMEOUT};
 use crate::server::{
-    ServerSettings, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_CONNECTIONS,
+    ServerSettings, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_MANIFEST_WAIT, DEFAULT_MAX_CONCURRENT,
+    DEFAULT_MAX_CONNECTIONS,
 };
 
 #[derive(Parser, Debug)]
@@ -53,6 +55,8 @@ pub enum Command {
         public_url: Option<String>,
         #[command(flatten)]
         signing: SigningArgs,
+        #[command(flatten)]
+        view: ViewArgs,
         #[command(flatten)]
         source: SourceArgs,
     },
@@ -201,6 +205,46 @@ pub struct SourceArgs {
     pub registry_auth_file: Option<PathBuf>,
 }
 
+/// The registry view (`/v2/`): where converted images are stored, and how they are served.
+#[derive(Args, Debug)]
+pub struct ViewArgs {
+    /// Directory of the store of converted images (default: `store/` in the cache dir; none with
+    /// `--no-cache`, and then no registry view).
+    #[arg(long, value_name = "DIR")]
+    pub store: Option<PathBuf>,
+    /// Compression of the squashed layer blob the registry view serves: gzip, zstd or none.
+    #[arg(long, default_value = "gzip", value_parser = WireCompression::parse)]
+    pub layer_compression: WireCompression,
+    /// `NAME=HOST[:PORT]`: repository paths under `squash/NAME/` name that registry (a port cannot
+    /// be written in a repository path); repeatable.
+    #[arg(long, value_name = "NAME=HOST[:PORT]", value_parser = parse_alias)]
+    pub registry_alias: Vec<(String, String)>,
+    /// Seconds a manifest request waits for a conversion before it is answered "retry later" (the
+    /// conversion goes on).
+    #[arg(long, default_value_t = DEFAULT_MANIFEST_WAIT.as_secs())]
+    pub manifest_wait: u64,
+}
+
+fn parse_alias(s: &str) -> Result<(String, String), String> {
+    let (name, host) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected NAME=HOST[:PORT]"))?;
+    let name_ok = !name.is_empty()
+        && !name.contains('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_".contains(&b));
+    if !name_ok {
+        return Err(format!(
+            "alias {name:?}: lowercase letters, digits, - and _, no dot (a dot makes a host name)"
+        ));
+    }
+    if !host_ok(host) {
+        return Err(format!("alias {name:?}: invalid registry {host:?}"));
+    }
+    Ok((name.to_string(), host.to_string()))
+}
+
 fn default_cache_dir() -> Option<PathBuf> {
     let base = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
@@ -279,6 +323,8 @@ impl SourceArgs {
             registry_ca_certificates,
             service_credentials,
             signer: None,
+            store_dir: None,
+            wire_compression: WireCompression::default(),
         })
     }
 }

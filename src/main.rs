@@ -40,6 +40,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             public_name,
             public_url,
             signing,
+            view,
             source,
         } => {
             let mut settings = cli::server_settings(cli::FrontArgs {
@@ -50,8 +51,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             })?;
             settings.public_name = public_name.as_deref().map(cli::public_name).transpose()?;
             settings.public_url = public_url;
+            settings.registry_aliases = view.registry_alias;
+            settings.manifest_wait = std::time::Duration::from_secs(view.manifest_wait);
             let mut config = source.converter_config(false)?;
             config.signer = signing.signer()?;
+            config.store_dir = view
+                .store
+                .or_else(|| config.cache_dir.as_ref().map(|d| d.join("store")));
+            config.wire_compression = view.layer_compression;
             let converter = Arc::new(Converter::new(config)?);
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await

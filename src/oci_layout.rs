@@ -114,6 +114,24 @@ impl OciLayout {
         })
     }
 
+    /// The tags of the layout's index (its ref names that are plain tags), sorted.
+    pub async fn tags(&self) -> Result<Vec<String>, RegistryError> {
+        let index: Value =
+            serde_json::from_slice(&self.read_small(&self.dir.join("index.json")).await?)
+                .map_err(|e| RegistryError::Invalid(format!("index.json: {e}")))?;
+        let mut tags: Vec<String> = index["manifests"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|m| m["annotations"][REF_NAME].as_str())
+            .map(|n| n.rsplit(':').next().unwrap_or(n).to_string())
+            .filter(|t| !t.contains('/'))
+            .collect();
+        tags.sort();
+        tags.dedup();
+        Ok(tags)
+    }
+
     pub async fn blob(&self, digest: &Digest, size: u64) -> Result<BlobStream, RegistryError> {
         let path = self.blob_path(digest);
         let file = tokio::fs::File::open(&path)

@@ -48,6 +48,27 @@ impl Source {
         }
     }
 
+    /// A page of the repository's tags, and whether more follow. An OCI layout's tags are its
+    /// index's ref names.
+    pub async fn tags(
+        &self,
+        reference: &Reference,
+        n: Option<usize>,
+        last: Option<&str>,
+        credentials: &Credentials,
+    ) -> Result<(Vec<String>, bool), SourceError> {
+        match self {
+            Source::Registry(c) => c.tags(reference, n, last, credentials).await,
+            Source::Layout(l) => {
+                let mut tags = l.tags().await?;
+                tags.retain(|t| last.is_none_or(|l| t.as_str() > l));
+                let more = n.is_some_and(|n| tags.len() > n);
+                tags.truncate(n.unwrap_or(usize::MAX));
+                Ok((tags, more))
+            }
+        }
+    }
+
     pub async fn blob(
         &self,
         reference: &Reference,

@@ -9,8 +9,9 @@ use crate::format::docker_archive::SizeExceeded;
 use crate::merge::MergeError;
 use crate::source::{SourceError, TransferError};
 
-/// Errors before the first byte, each with the HTTP status a caller should see.
-#[derive(Debug, thiserror::Error)]
+/// Errors before the first byte, each with the HTTP status a caller should see. `Clone`: a conversion
+/// shared by several requests gives each the same error.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     #[error("invalid request: {0}")]
     BadRequest(String),

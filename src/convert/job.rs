@@ -44,6 +44,8 @@ pub(super) struct Job {
 
 pub(super) enum Output {
     Docker(DockerArchive),
+    /// The merged tar alone, written by [`Job::write_layer`] (the registry view's blob).
+    Layer,
     Aci {
         archive: Box<AciArchive>,
         signing: Option<Signing>,
@@ -74,6 +76,7 @@ impl Job {
         let handle = Handle::current();
         let format = match self.output {
             Output::Docker(_) => "squash",
+            Output::Layer => "layer",
             Output::Aci { .. } => "aci",
         };
         let span = tracing::info_span!("convert", format, image = %self.reference, manifest = %self.image.manifest_digest);
@@ -123,6 +126,7 @@ impl Job {
     fn run(&self, out: &mut ChannelWriter, handle: &Handle) -> io::Result<()> {
         match &self.output {
             Output::Docker(archive) => self.run_docker(archive, out, handle),
+            Output::Layer => self.write_layer(out, handle),
             Output::Aci { archive, signing } => {
                 self.run_aci(archive, signing.as_ref(), out, handle)
             }
@@ -146,6 +150,13 @@ impl Job {
         layer_out.finish()?;
         let diff_id = String::from_utf8(out.finish_tap()?).expect("hex digest");
         archive.write_tail(out, &diff_id)
+    }
+
+    /// The merged layer as a tar, ended, into `out`.
+    pub(super) fn write_layer(&self, out: &mut dyn Write, handle: &Handle) -> io::Result<()> {
+        let mut sink = TarSink(out);
+        self.merge_layers(&mut sink, handle)?;
+        entry::write_end(&mut sink.0)
     }
 
     fn run_aci(

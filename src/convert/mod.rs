@@ -9,11 +9,13 @@
 //! merged size), `job` (the streaming merge on its thread), `body` (the channel writer), `error`
 //! (whose fault a failure is, and its status).
 
+mod access;
 mod body;
 mod error;
 mod job;
 mod plan;
 mod prepass;
+mod stored;
 
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -23,6 +25,7 @@ use bytes::Bytes;
 use futures::Stream;
 
 use crate::format::aci::ManifestPlan;
+use crate::format::image::WireCompression;
 use crate::limits::Limits;
 use crate::manifest::{self, Platform, ResolvedImage};
 use crate::oci_layout::OciLayout;
@@ -35,6 +38,7 @@ use crate::summary::Store;
 
 use error::source_error;
 pub use error::Error;
+pub use stored::{StoredManifest, ViewRequest};
 
 /// What a caller asks for.
 #[derive(Debug, Clone)]
@@ -138,6 +142,10 @@ pub struct ConverterConfig {
     pub service_credentials: registry::ServiceCredentials,
     /// Signs ACIs when set.
     pub signer: Option<Arc<Signer>>,
+    /// The content-addressed store of converted images the registry view serves; `None`: no view.
+    pub store_dir: Option<PathBuf>,
+    /// How the registry view's layer blob is compressed.
+    pub wire_compression: WireCompression,
 }
 
 impl Default for ConverterConfig {
@@ -155,6 +163,8 @@ impl Default for ConverterConfig {
             registry_ca_certificates: Vec::new(),
             service_credentials: registry::ServiceCredentials::default(),
             signer: None,
+            store_dir: None,
+            wire_compression: WireCompression::default(),
         }
     }
 }
@@ -177,6 +187,9 @@ pub struct Converter {
     store: Store,
     signatures: Signatures,
     conversions: Conversions,
+    images: Option<crate::store::Store>,
+    flights: stored::Flights,
+    access: access::AccessCache,
 }
 
 impl Converter {
@@ -201,12 +214,22 @@ impl Converter {
         };
         let store = Store::new(config.cache_dir.clone());
         let signatures = Signatures::new(config.cache_dir.clone());
+        let images = match &config.store_dir {
+            Some(dir) => Some(
+                crate::store::Store::open_dir(dir)
+                    .map_err(|e| Error::Internal(format!("store {}: {e}", dir.display())))?,
+            ),
+            None => None,
+        };
         Ok(Converter {
             config,
             source,
             store,
             signatures,
             conversions: Conversions::default(),
+            images,
+            flights: stored::Flights::default(),
+            access: access::AccessCache::default(),
         })
     }
 

@@ -9,6 +9,7 @@ use std::io::{self, Write};
 use serde_json::{json, Value};
 use sha2::{Digest as _, Sha256};
 
+use super::image::squashed_config;
 use crate::entry::{padded, write_end, write_entry, write_zeros, EntryMeta, Kind};
 
 /// A digest of the right width, to measure members before the real one is known.
@@ -57,21 +58,7 @@ impl DockerArchive {
 
     /// The image config with the squashed layer's diff_id.
     pub fn config_json(&self, diff_id: &str) -> Vec<u8> {
-        let mut config = self.config.clone();
-        if !config.is_object() {
-            config = json!({});
-        }
-        let created = config.get("created").cloned();
-        let mut history = json!({
-            "created_by": "strata squash",
-            "comment": format!("all layers of {} merged into one", self.source),
-        });
-        if let Some(created) = created {
-            history["created"] = created;
-        }
-        config["rootfs"] = json!({"type": "layers", "diff_ids": [diff_id]});
-        config["history"] = json!([history]);
-        serde_json::to_vec(&config).expect("a JSON value serialises")
+        squashed_config(&self.config, diff_id, &self.source)
     }
 
     /// Members after the layer, in order, as (name, content).

@@ -1,4 +1,6 @@
-//! Output formats: the docker-load archive of the squashed image, and the appc ACI.
+//! Output formats: the docker-load archive of the squashed image, the image a registry serves
+//! (config and manifests), and the appc ACI.
 
 pub mod aci;
 pub mod docker_archive;
+pub mod image;

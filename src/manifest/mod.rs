@@ -95,10 +95,31 @@ pub async fn resolve(
     credentials: &Credentials,
     limits: &Limits,
 ) -> Result<ResolvedImage, SourceError> {
+    resolve_for(source, reference, Some(platform), credentials, limits).await
+}
+
+/// Resolves `reference` for `platform`, or, with `None`, takes the image manifest it names whatever
+/// its platform (an index is then an error: something must choose).
+pub async fn resolve_for(
+    source: &Source,
+    reference: &Reference,
+    platform: Option<&Platform>,
+    credentials: &Credentials,
+    limits: &Limits,
+) -> Result<ResolvedImage, SourceError> {
     let mut raw = source
         .manifest(reference, &reference.manifest_ref(), credentials)
         .await?;
-    let chosen = choose_from_index(reference, &raw.bytes, &raw.media_type, platform)?;
+    let chosen = match platform {
+        Some(platform) => choose_from_index(reference, &raw.bytes, &raw.media_type, platform)?,
+        None if index_platforms(reference, &raw.bytes, &raw.media_type)?.is_some() => {
+            return Err(invalid(
+                reference,
+                "an index where an image manifest was expected",
+            ))
+        }
+        None => None,
+    };
     let is_index = chosen.is_some();
     if let Some(digest) = chosen {
         raw = source.manifest(reference, &digest, credentials).await?;
@@ -123,7 +144,7 @@ pub async fn resolve(
         bytes.extend_from_slice(&chunk);
     }
     let (config, image_platform) = parse_config(reference, &bytes, manifest.layers.len())?;
-    if !is_index && !platform.matches(&image_platform) {
+    if let Some(platform) = platform.filter(|p| !is_index && !p.matches(&image_platform)) {
         return Err(RegistryError::NotFound(format!(
             "{reference}: image is {image_platform}, not {platform}"
         )));
@@ -145,7 +166,7 @@ pub async fn resolve(
 fn resolve_schema1(
     reference: &Reference,
     raw: &RawManifest,
-    platform: &Platform,
+    platform: Option<&Platform>,
     limits: &Limits,
 ) -> Result<Option<ResolvedImage>, SourceError> {
     let payload = match schema1::signed_payload(&raw.bytes) {
@@ -166,7 +187,7 @@ fn resolve_schema1(
         &serde_json::to_vec(&image.config).expect("a JSON value serialises"),
         image.layers.len(),
     )?;
-    if image_platform.os != platform.os {
+    if let Some(platform) = platform.filter(|p| p.os != image_platform.os) {
         return Err(RegistryError::NotFound(format!(
             "{reference}: image is for {}, not {} (a schema 1 image names one platform)",
             image_platform.os, platform.os
@@ -182,15 +203,23 @@ fn resolve_schema1(
     }))
 }
 
-/// Reads what a manifest endpoint returned (registry bytes, untrusted): for an index or manifest list,
-/// the digest of its image manifest for `platform`; `None` when the bytes are no index (and should be
-/// an image manifest).
-pub fn choose_from_index(
+/// A platform's image in an index (attestations and `unknown` platforms left out).
+#[derive(Debug, Clone)]
+pub struct IndexChoice {
+    pub digest: String,
+    pub platform: Platform,
+    /// The index's `platform` object as it was (`os.version`, `features` kept).
+    pub raw_platform: Value,
+}
+
+/// Reads what a manifest endpoint returned (registry bytes, untrusted): for an index or manifest
+/// list, its platforms' images in the index's order; `None` when the bytes are no index (and should
+/// be an image manifest).
+pub fn index_platforms(
     reference: &Reference,
     bytes: &[u8],
     media_type: &str,
-    platform: &Platform,
-) -> Result<Option<String>, SourceError> {
+) -> Result<Option<Vec<IndexChoice>>, SourceError> {
     let body: Value = serde_json::from_slice(bytes)
         .map_err(|e| invalid(reference, format!("manifest is not JSON: {e}")))?;
     if schema1::is_schema1(&body) {
@@ -207,8 +236,7 @@ pub fn choose_from_index(
     }
     let index: ImageIndex =
         serde_json::from_slice(bytes).map_err(|e| invalid(reference, format!("bad index: {e}")))?;
-    let mut available = Vec::new();
-    let mut chosen = None;
+    let mut out = Vec::new();
     for m in index.manifests() {
         let attestation = m
             .annotations()
@@ -216,27 +244,46 @@ pub fn choose_from_index(
             .and_then(|a| a.get("vnd.docker.reference.type"))
             .is_some_and(|t| t == "attestation-manifest");
         let Some(p) = m.platform() else { continue };
-        let p = Platform {
+        let platform = Platform {
             os: p.os().to_string(),
             architecture: p.architecture().to_string(),
             variant: p.variant().clone(),
         };
-        if attestation || p.os == "unknown" {
+        if attestation || platform.os == "unknown" {
             continue;
         }
-        if chosen.is_none() && platform.matches(&p) {
-            chosen = Some(m.digest().to_string());
-        }
-        available.push(p.to_string());
+        out.push(IndexChoice {
+            digest: m.digest().to_string(),
+            platform,
+            raw_platform: serde_json::to_value(p).unwrap_or(Value::Null),
+        });
     }
-    match chosen {
-        Some(digest) => Ok(Some(digest)),
+    Ok(Some(out))
+}
+
+/// For an index or manifest list, the digest of its image manifest for `platform`; `None` when the
+/// bytes are no index (and should be an image manifest).
+pub fn choose_from_index(
+    reference: &Reference,
+    bytes: &[u8],
+    media_type: &str,
+    platform: &Platform,
+) -> Result<Option<String>, SourceError> {
+    let Some(choices) = index_platforms(reference, bytes, media_type)? else {
+        return Ok(None);
+    };
+    match choices.iter().find(|c| platform.matches(&c.platform)) {
+        Some(c) => Ok(Some(c.digest.clone())),
         None => Err(RegistryError::NotFound(format!(
             "{reference}: no image for platform {platform}; available: {}",
-            if available.is_empty() {
+            if choices.is_empty() {
                 "none".to_string()
             } else {
-                available.join(", ")
+                choices
+                    .iter()
+                    .map(|c| c.platform.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             }
         ))),
     }

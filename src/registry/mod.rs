@@ -367,6 +367,46 @@ impl Client {
         })
     }
 
+    /// One page of the repository's tags (`n`/`last` as the distribution spec has them); whether
+    /// the registry said more follow (a `Link` header).
+    pub async fn tags(
+        &self,
+        reference: &Reference,
+        n: Option<usize>,
+        last: Option<&str>,
+        credentials: &Credentials,
+    ) -> Result<(Vec<String>, bool), RegistryError> {
+        let mut query: Vec<String> = Vec::new();
+        if let Some(n) = n {
+            query.push(format!("n={n}"));
+        }
+        if let Some(last) = last {
+            query.push(format!(
+                "last={}",
+                percent_encoding::utf8_percent_encode(last, percent_encoding::NON_ALPHANUMERIC)
+            ));
+        }
+        let path = if query.is_empty() {
+            "tags/list".to_string()
+        } else {
+            format!("tags/list?{}", query.join("&"))
+        };
+        let (url, resp) = self.get(reference, &path, None, credentials).await?;
+        let more = resp.headers().contains_key(reqwest::header::LINK);
+        let body = match read_limited(resp, self.max_manifest_bytes, self.idle_timeout).await {
+            Ok(body) => body,
+            Err(BodyError::TooLarge(limit)) => return Err(manifest_too_large(url, limit)),
+            Err(e) => return Err(RegistryError::Upstream(format!("{url}: {e}"))),
+        };
+        #[derive(serde::Deserialize)]
+        struct TagList {
+            tags: Option<Vec<String>>,
+        }
+        let list: TagList = serde_json::from_slice(&body)
+            .map_err(|e| RegistryError::Invalid(format!("{url}: bad tag list: {e}")))?;
+        Ok((list.tags.unwrap_or_default(), more))
+    }
+
     /// A blob as a stream whose digest and size are verified as it flows.
     pub async fn blob(
         &self,

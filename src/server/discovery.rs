@@ -9,7 +9,7 @@ use super::{json_error, text, Body, ServerSettings};
 
 /// `{base}` of the templates: the configured public URL, or the scheme (as a proxy reports it) and
 /// host of the request.
-fn base_url<B>(req: &Request<B>, settings: &ServerSettings) -> Option<String> {
+pub(super) fn base_url<B>(req: &Request<B>, settings: &ServerSettings) -> Option<String> {
     if let Some(url) = &settings.public_url {
         return Some(url.trim_end_matches('/').to_string());
     }

@@ -2,6 +2,7 @@
 //! aborted connection after it), a concurrency limit, and graceful shutdown.
 
 pub mod discovery;
+mod distribution;
 pub mod routes;
 
 use std::convert::Infallible;
@@ -29,6 +30,7 @@ use crate::format::aci::names::platform_from_appc;
 use crate::manifest::Platform;
 use crate::registry::Credentials;
 use crate::stats::Stats;
+pub use distribution::DEFAULT_MANIFEST_WAIT;
 use routes::{AciRoute, Route, RouteError};
 
 /// Conversions served at once unless configured: each holds a blocking thread and a few MiB.
@@ -56,6 +58,10 @@ pub struct ServerSettings {
     pub public_name: Option<String>,
     /// Base URL of the discovery templates; by default the one the discovery request came in on.
     pub public_url: Option<String>,
+    /// `squash/NAME/…` of the registry view names this registry (`--registry-alias`).
+    pub registry_aliases: Vec<(String, String)>,
+    /// How long a registry-view manifest request waits for a conversion.
+    pub manifest_wait: Duration,
 }
 
 impl Default for ServerSettings {
@@ -67,6 +73,8 @@ impl Default for ServerSettings {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             public_name: None,
             public_url: None,
+            registry_aliases: Vec::new(),
+            manifest_wait: DEFAULT_MANIFEST_WAIT,
         }
     }
 }
@@ -247,6 +255,9 @@ async fn respond(req: Request<Incoming>, state: &Arc<State>) -> Response<Body> {
         }
         Err(RouteError::BadRequest(m)) => return json_error(400, "BAD_REQUEST", &m),
     };
+    if let Route::Distribution(path) = &route {
+        return distribution::respond(&req, state, path).await;
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         let mut resp = json_error(405, "METHOD_NOT_ALLOWED", "only GET and HEAD are served");
         resp.headers_mut()
@@ -289,6 +300,7 @@ async fn respond(req: Request<Incoming>, state: &Arc<State>) -> Response<Body> {
             )
         }
         Route::Squash(r) => r,
+        Route::Distribution(_) => unreachable!("answered above"),
     };
     match squash(&req, state, &reference).await {
         Ok(resp) => resp,

@@ -16,6 +16,8 @@ pub enum Route {
     Health,
     /// What is in flight: live conversions, runtime tasks.
     Stats,
+    /// The registry view: `/v2/…`, routed further by `distribution`.
+    Distribution(String),
 }
 
 /// `/c1/aci/<server>/<repository...>/<tag>/{aci,aci.asc,sig}/<os>/<arch>/`, or
@@ -112,6 +114,9 @@ pub fn route(path: &str) -> Result<Route, RouteError> {
     }
     if path == "/healthz" {
         return Ok(Route::Health);
+    }
+    if path == "/v2" || path.starts_with("/v2/") {
+        return Ok(Route::Distribution(path.to_string()));
     }
     if path == "/aci-signing-key" {
         return Ok(Route::SigningKey);

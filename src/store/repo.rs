@@ -229,6 +229,50 @@ impl Store {
         Ok(page(repos, last, n))
     }
 
+    /// Whether a manifest linked in `repo` (or an index child of one) names `blob`: a repository
+    /// serves only its own blobs, so access to one repository never reads another's.
+    pub fn repository_has_blob(&self, repo: &str, blob: &Digest) -> Result<bool, StoreError> {
+        check_repository(repo)?;
+        let prefix = format!("{ROOT}{repo}{MANIFESTS}");
+        let keys = self
+            .backend
+            .list(&prefix)
+            .map_err(StoreError::io(&prefix))?;
+        let mut pending: Vec<Digest> = Vec::new();
+        for key in keys {
+            let Some(rest) = key.strip_prefix(&prefix) else {
+                continue;
+            };
+            // Deeper keys belong to another repository (`<repo>/_manifests/…` cannot be one).
+            if rest.matches('/').count() != 1 {
+                continue;
+            }
+            if let Ok(d) = Digest::parse(&rest.replacen('/', ":", 1)) {
+                pending.push(d);
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        while let Some(m) = pending.pop() {
+            if &m == blob {
+                return Ok(true);
+            }
+            if !seen.insert(m.clone()) {
+                continue;
+            }
+            let bytes = match self.read_small(&m, MAX_MANIFEST_BYTES) {
+                Ok(b) => b,
+                Err(StoreError::BlobUnknown(_)) => continue,
+                Err(e) => return Err(e),
+            };
+            let refs = references(&m, &bytes)?;
+            if refs.blobs.contains(blob) {
+                return Ok(true);
+            }
+            pending.extend(refs.manifests);
+        }
+        Ok(false)
+    }
+
     /// Every (repository, manifest digest) link: GC's roots.
     pub(super) fn manifest_links(&self) -> Result<Vec<(String, Digest)>, StoreError> {
         let keys = self.backend.list(ROOT).map_err(StoreError::io(ROOT))?;

@@ -271,3 +271,40 @@ fn derived_keys_record_the_output_manifest() {
     assert!(store.delete_derived(&key).unwrap());
     assert_eq!(store.derived(&key).unwrap(), None);
 }
+
+#[test]
+fn a_repository_serves_only_the_blobs_its_manifests_name() {
+    let (_dir, store) = store();
+    let layer = store.put_blob(b"private layer").unwrap();
+    let cfg = store.put_blob(b"config").unwrap();
+    let m = store
+        .put_manifest("private/app", &manifest(&cfg.digest, &[&layer.digest]))
+        .unwrap();
+    let other = store.put_blob(b"other config").unwrap();
+    store
+        .put_manifest("public/app", &manifest(&other.digest, &[]))
+        .unwrap();
+    assert!(store
+        .repository_has_blob("private/app", &layer.digest)
+        .unwrap());
+    assert!(store
+        .repository_has_blob("private/app", &cfg.digest)
+        .unwrap());
+    assert!(!store
+        .repository_has_blob("public/app", &layer.digest)
+        .unwrap());
+    // A repository nested under another does not lend it its blobs, nor the other way round.
+    assert!(!store.repository_has_blob("private", &layer.digest).unwrap());
+    // Through an index: its children's blobs are the repository's too.
+    let index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{"digest": m.digest.to_string(), "size": 1,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json"}],
+    }))
+    .unwrap();
+    store.put_manifest("multi/app", &index).unwrap();
+    assert!(store
+        .repository_has_blob("multi/app", &layer.digest)
+        .unwrap());
+}
