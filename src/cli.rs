@@ -223,6 +223,18 @@ pub struct ViewArgs {
     /// conversion goes on).
     #[arg(long, default_value_t = DEFAULT_MANIFEST_WAIT.as_secs())]
     pub manifest_wait: u64,
+    /// Bytes the store keeps at most; least recently used blobs are evicted past it (0: no bound).
+    #[arg(long, default_value_t = 0)]
+    pub cache_max_bytes: u64,
+    /// Accept `DELETE /v2/squash/<name>/manifests/<digest>` (202), removing a converted image.
+    #[arg(long)]
+    pub enable_delete: bool,
+    /// Seconds an unreferenced blob is kept before GC may remove it.
+    #[arg(long, default_value_t = crate::convert::DEFAULT_GC_GRACE.as_secs())]
+    pub gc_grace: u64,
+    /// Seconds between GC passes over the store (0: only after deletes).
+    #[arg(long, default_value_t = 3600)]
+    pub gc_interval: u64,
 }
 
 fn parse_alias(s: &str) -> Result<(String, String), String> {
@@ -325,6 +337,8 @@ impl SourceArgs {
             signer: None,
             store_dir: None,
             wire_compression: WireCompression::default(),
+            store_max_bytes: None,
+            gc_grace: crate::convert::DEFAULT_GC_GRACE,
         })
     }
 }

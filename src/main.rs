@@ -59,7 +59,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .store
                 .or_else(|| config.cache_dir.as_ref().map(|d| d.join("store")));
             config.wire_compression = view.layer_compression;
+            config.store_max_bytes = (view.cache_max_bytes > 0).then_some(view.cache_max_bytes);
+            config.gc_grace = std::time::Duration::from_secs(view.gc_grace);
+            settings.enable_delete = view.enable_delete;
             let converter = Arc::new(Converter::new(config)?);
+            if view.gc_interval > 0 && converter.image_store().is_some() {
+                let interval = std::time::Duration::from_secs(view.gc_interval);
+                tokio::spawn(converter.clone().collect_every(interval));
+            }
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
                 .with_context(|| format!("binding {listen}"))?;

@@ -15,6 +15,7 @@ mod error;
 mod job;
 mod plan;
 mod prepass;
+mod space;
 mod stored;
 
 use std::path::PathBuf;
@@ -146,6 +147,10 @@ pub struct ConverterConfig {
     pub store_dir: Option<PathBuf>,
     /// How the registry view's layer blob is compressed.
     pub wire_compression: WireCompression,
+    /// Bytes of blobs the store keeps at most (least recently used go first); `None`: unbounded.
+    pub store_max_bytes: Option<u64>,
+    /// How old an unreferenced blob must be before GC removes it: longer than any publication.
+    pub gc_grace: std::time::Duration,
 }
 
 impl Default for ConverterConfig {
@@ -165,9 +170,14 @@ impl Default for ConverterConfig {
             signer: None,
             store_dir: None,
             wire_compression: WireCompression::default(),
+            store_max_bytes: None,
+            gc_grace: DEFAULT_GC_GRACE,
         }
     }
 }
+
+/// GC's grace period unless configured: far longer than any conversion's publication step.
+pub const DEFAULT_GC_GRACE: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Output bytes buffered per chunk sent to the body: large enough to amortise the channel, small
 /// enough that the chunks in flight stay a few MiB.

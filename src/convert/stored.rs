@@ -20,7 +20,7 @@ use crate::format::image::{
     declared_type, image_index, image_manifest, squashed_config, Blob, Flavour, IndexEntry,
     WireCompression,
 };
-use crate::manifest::{self, Platform, ResolvedImage};
+use crate::manifest::{self, Platform};
 use crate::reference::Reference;
 use crate::registry::Credentials;
 use crate::store::{ArtifactKey, BlobWriter, Published, Store, StoreError};
@@ -107,8 +107,9 @@ impl Converter {
         let stored = match choices {
             Some(choices) if request.accepts_index => {
                 let converting = choices.iter().map(|c| async {
-                    let image = self.resolve_image(&by_digest(&c.digest)?, request).await?;
-                    let m = self.converted(&store, image, request, slot).await?;
+                    let m = self
+                        .converted(&store, by_digest(&c.digest)?, request, slot)
+                        .await?;
                     Ok::<_, Error>(IndexEntry {
                         manifest: Blob {
                             digest: m.digest,
@@ -153,16 +154,12 @@ impl Converter {
                             request.platform
                         ))
                     })?;
-                let image = self
-                    .resolve_image(&by_digest(&choice.digest)?, request)
-                    .await?;
-                self.converted(&store, image, request, slot).await?
+                self.converted(&store, by_digest(&choice.digest)?, request, slot)
+                    .await?
             }
             None => {
-                let image = self
-                    .resolve_image(&by_digest(&raw.digest.to_string())?, request)
-                    .await?;
-                self.converted(&store, image, request, slot).await?
+                self.converted(&store, by_digest(&raw.digest.to_string())?, request, slot)
+                    .await?
             }
         };
         let (repo, tag, bytes) = (
@@ -179,6 +176,8 @@ impl Converter {
             Ok(())
         })
         .await?;
+        // After the link: the bound never takes what this request is about to serve first.
+        self.evict().await;
         Ok(stored)
     }
 
@@ -191,30 +190,23 @@ impl Converter {
         credentials: &Credentials,
     ) -> Result<(Vec<String>, bool), Error> {
         self.check_allowed(reference)?;
-        self.source
+        let (mut tags, more) = self
+            .source
             .tags(reference, n, last, credentials)
             .await
-            .map_err(super::error::source_error)
+            .map_err(super::error::source_error)?;
+        // Some registries (distribution 2.8 among them) ignore `n` and `last`: applied again here.
+        tags.sort();
+        tags.retain(|t| last.is_none_or(|l| t.as_str() > l));
+        let more = more || n.is_some_and(|n| tags.len() > n);
+        tags.truncate(n.unwrap_or(usize::MAX));
+        Ok((tags, more))
     }
 
-    async fn resolve_image(
-        &self,
-        reference: &Reference,
-        request: &ViewRequest,
-    ) -> Result<ResolvedImage, Error> {
-        manifest::resolve_for(
-            &self.source,
-            reference,
-            None,
-            &request.credentials,
-            &self.config.limits,
-        )
-        .await
-        .map_err(super::error::source_error)
-    }
-
-    fn key(&self, image: &ResolvedImage) -> ArtifactKey {
-        ArtifactKey::new(image.manifest_digest.clone(), "squash-image")
+    /// The key of an image manifest's conversion: its digest fixes the source's bytes, so nothing
+    /// else of the source (its config, its layers) is read to find a stored conversion.
+    fn key(&self, manifest: &Digest) -> ArtifactKey {
+        ArtifactKey::new(manifest.clone(), "squash-image")
             .option("compression", self.config.wire_compression.name())
     }
 
@@ -223,11 +215,12 @@ impl Converter {
     async fn converted(
         self: &Arc<Self>,
         store: &Store,
-        image: ResolvedImage,
+        image: Reference,
         request: &ViewRequest,
         slot: &(dyn Fn() -> Result<OwnedSemaphorePermit, Error> + Sync),
     ) -> Result<StoredManifest, Error> {
-        let key = self.key(&image);
+        let manifest = image.digest.clone().expect("an image named by digest");
+        let key = self.key(&manifest);
         let found = {
             let (store, key) = (store.clone(), key.clone());
             blocking(move || stored_record(&store, &key)).await?
@@ -261,7 +254,7 @@ impl Converter {
     fn flight(
         self: &Arc<Self>,
         key: ArtifactKey,
-        image: ResolvedImage,
+        image: Reference,
         credentials: Credentials,
         slot: &(dyn Fn() -> Result<OwnedSemaphorePermit, Error> + Sync),
     ) -> Result<Flight, Error> {
@@ -291,11 +284,12 @@ impl Converter {
         Ok(flight)
     }
 
-    /// Converts `image` into the store: the layer blob, the config, the manifest, then the record.
+    /// Converts `image` (named by digest) into the store: the layer blob, the config, the
+    /// manifest, then the record.
     async fn convert_into_store(
         self: Arc<Self>,
         key: ArtifactKey,
-        image: ResolvedImage,
+        image: Reference,
         credentials: Credentials,
     ) -> Result<Digest, Error> {
         let store = self.images()?.clone();
@@ -308,6 +302,15 @@ impl Converter {
         }
         let started = std::time::Instant::now();
         let alive = self.conversions.start();
+        let image = manifest::resolve_for(
+            &self.source,
+            &image,
+            None,
+            &credentials,
+            &self.config.limits,
+        )
+        .await
+        .map_err(super::error::source_error)?;
         let (_, hints) = self.analyse(&image, &credentials, false, &alive).await?;
         let compression = self.config.wire_compression;
         let source = format!("{}@{}", image.reference.name(), image.manifest_digest);

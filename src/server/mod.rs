@@ -62,6 +62,8 @@ pub struct ServerSettings {
     pub registry_aliases: Vec<(String, String)>,
     /// How long a registry-view manifest request waits for a conversion.
     pub manifest_wait: Duration,
+    /// Whether the registry view accepts `DELETE` of a converted image.
+    pub enable_delete: bool,
 }
 
 impl Default for ServerSettings {
@@ -75,6 +77,7 @@ impl Default for ServerSettings {
             public_url: None,
             registry_aliases: Vec::new(),
             manifest_wait: DEFAULT_MANIFEST_WAIT,
+            enable_delete: false,
         }
     }
 }

@@ -36,6 +36,7 @@
 
 pub mod backend;
 pub mod blob;
+mod delete;
 pub mod fs;
 pub mod gc;
 pub mod key;

@@ -185,3 +185,69 @@ fn eviction_of_a_layer_makes_its_manifest_incomplete() {
     );
     assert!(!store.complete(&Digest::of(b"absent")).unwrap());
 }
+
+#[test]
+fn delete_unlinks_untags_forgets_and_gc_then_collects() {
+    let (_dir, store) = store();
+    let put = |b: &[u8]| store.put_blob(b).unwrap().digest;
+    let (cfg, layer, kept_cfg) = (put(b"cfg"), put(b"layer"), put(b"kept cfg"));
+    let oci = store
+        .put_manifest("squash/a", &manifest(&cfg, &[&layer]))
+        .unwrap()
+        .digest;
+    store.set_tag("squash/a", "1", &oci).unwrap();
+    let key = ArtifactKey::new(Digest::of(b"source"), "squash-image");
+    store.put_derived(&key, &oci).unwrap();
+    // Another repository's image stays.
+    let kept = store
+        .put_manifest("squash/b", &manifest(&kept_cfg, &[]))
+        .unwrap()
+        .digest;
+    assert!(
+        !store.delete_image("squash/b", &oci).unwrap(),
+        "not in that repository"
+    );
+    assert!(store.delete_image("squash/a", &oci).unwrap());
+    assert!(!store.has_manifest("squash/a", &oci).unwrap());
+    assert!(store.tags("squash/a", None, None).unwrap().is_empty());
+    assert_eq!(store.derived(&key).unwrap(), None);
+    assert_eq!(store.repositories(None, None).unwrap(), ["squash/b"]);
+    let report = store.gc(Duration::ZERO).unwrap();
+    let mut removed = report.removed.clone();
+    removed.sort();
+    let mut want = vec![cfg, layer, oci];
+    want.sort();
+    assert_eq!(removed, want);
+    assert!(store.has_manifest("squash/b", &kept).unwrap());
+    assert!(store.complete(&kept).unwrap());
+
+    // An index: its children go with it unless another manifest of the repository names them.
+    let (c1, c2) = (put(b"c1"), put(b"c2"));
+    let m1 = store
+        .put_manifest("squash/m", &manifest(&c1, &[]))
+        .unwrap()
+        .digest;
+    let m2 = store
+        .put_manifest("squash/m", &manifest(&c2, &[]))
+        .unwrap()
+        .digest;
+    let index = |children: &[&Digest]| {
+        let list: Vec<_> = children
+            .iter()
+            .map(|d| serde_json::json!({"digest": d.to_string(), "size": 1}))
+            .collect();
+        serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "manifests": list})).unwrap()
+    };
+    let both = store
+        .put_manifest("squash/m", &index(&[&m1, &m2]))
+        .unwrap()
+        .digest;
+    let only2 = store
+        .put_manifest("squash/m", &index(&[&m2]))
+        .unwrap()
+        .digest;
+    assert!(store.delete_image("squash/m", &both).unwrap());
+    assert!(!store.has_manifest("squash/m", &m1).unwrap());
+    assert!(store.has_manifest("squash/m", &m2).unwrap());
+    assert!(store.has_manifest("squash/m", &only2).unwrap());
+}

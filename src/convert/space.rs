@@ -1,0 +1,85 @@
+//! Keeping the store within its bounds while it serves: least-recently-used eviction under
+//! `--cache-max-bytes` after each stored conversion, deletes (`DELETE` of a converted image), and
+//! online mark-and-sweep GC after a delete and every `--gc-interval`. All of it runs while pulls and
+//! conversions go on: leases and the grace period (src/store/gc.rs) keep what they need.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{Converter, Error};
+use crate::digest::Digest;
+use crate::store::StoreError;
+
+fn internal(e: StoreError) -> Error {
+    Error::Internal(e.to_string())
+}
+
+impl Converter {
+    /// Evicts least-recently-used blobs down to `--cache-max-bytes`, if set.
+    pub(super) async fn evict(&self) {
+        let (Some(store), Some(max)) = (self.images.clone(), self.config.store_max_bytes) else {
+            return;
+        };
+        match tokio::task::spawn_blocking(move || store.evict(max)).await {
+            Ok(Ok(report)) if !report.removed.is_empty() => tracing::info!(
+                removed = report.removed.len(),
+                bytes_left = report.bytes,
+                "evicted least recently used blobs"
+            ),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "eviction failed"),
+            Err(e) => tracing::warn!(error = %e, "eviction task failed"),
+        }
+    }
+
+    /// Removes a converted image from a repository of the store, then collects in the background.
+    /// `Ok(false)`: the repository holds no such manifest.
+    pub async fn delete_image(
+        self: &Arc<Self>,
+        repository: &str,
+        manifest: &Digest,
+    ) -> Result<bool, Error> {
+        let store = self.images.clone().ok_or_else(|| {
+            Error::NotFound("the registry view needs a store (--store or a cache dir)".into())
+        })?;
+        let (repo, digest) = (repository.to_string(), manifest.clone());
+        let deleted = tokio::task::spawn_blocking(move || store.delete_image(&repo, &digest))
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))?
+            .map_err(internal)?;
+        if deleted {
+            tracing::info!(repository, %manifest, "deleted a converted image");
+            let this = self.clone();
+            tokio::spawn(async move { this.collect().await });
+        }
+        Ok(deleted)
+    }
+
+    /// One GC pass: blobs no manifest names, older than the grace period, are removed.
+    pub async fn collect(&self) {
+        let Some(store) = self.images.clone() else {
+            return;
+        };
+        let grace = self.config.gc_grace;
+        match tokio::task::spawn_blocking(move || store.gc(grace)).await {
+            Ok(Ok(report)) => tracing::info!(
+                removed = report.removed.len(),
+                spared = report.spared,
+                referenced = report.referenced,
+                "garbage collection"
+            ),
+            Ok(Err(e)) => tracing::warn!(error = %e, "garbage collection failed"),
+            Err(e) => tracing::warn!(error = %e, "garbage collection task failed"),
+        }
+    }
+
+    /// Collects every `interval` for as long as the process runs.
+    pub async fn collect_every(self: Arc<Self>, interval: Duration) {
+        let mut tick = tokio::time::interval(interval);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            self.collect().await;
+        }
+    }
+}

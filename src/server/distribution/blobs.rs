@@ -1,0 +1,154 @@
+//! Blobs from the store: only those a manifest of the repository names, after an upstream access
+//! check; `Range` (206, 416) so interrupted pulls resume.
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Frame, Incoming};
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::super::{empty, Body, State};
+use super::error::V2Error;
+use super::{blocking, check_access, name, store, Result, CHUNK};
+use crate::digest::Digest;
+use crate::registry::Credentials;
+
+/// `Range: bytes=…` of a blob of `size` bytes: `Ok(None)` for the whole blob (no header, several
+/// ranges or one that cannot be parsed, which RFC 9110 lets a server ignore), `Err` when
+/// unsatisfiable.
+fn byte_range(
+    req: &Request<Incoming>,
+    size: u64,
+) -> std::result::Result<Option<std::ops::Range<u64>>, ()> {
+    let Some(spec) = req
+        .headers()
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().strip_prefix("bytes="))
+    else {
+        return Ok(None);
+    };
+    if spec.contains(',') {
+        return Ok(None);
+    }
+    let Some((a, b)) = spec.trim().split_once('-') else {
+        return Ok(None);
+    };
+    let (a, b) = (a.trim(), b.trim());
+    let range = match (a.parse::<u64>(), b.parse::<u64>()) {
+        (Ok(start), Ok(end)) if start <= end => start..(end + 1).min(size),
+        (Ok(start), Err(_)) if b.is_empty() => start..size,
+        (Err(_), Ok(suffix)) if a.is_empty() => size.saturating_sub(suffix)..size,
+        _ => return Ok(None),
+    };
+    if range.start >= size || range.is_empty() {
+        return Err(());
+    }
+    Ok(Some(range))
+}
+
+pub(super) async fn blob(
+    req: &Request<Incoming>,
+    state: &State,
+    raw: &str,
+    digest: &str,
+    credentials: &Credentials,
+) -> Result<Response<Body>> {
+    let name = name(state, raw)?;
+    let store = store(state)?;
+    let digest =
+        Digest::parse(digest).map_err(|e| V2Error::new(400, "DIGEST_INVALID", e.to_string()))?;
+    let unknown = || {
+        V2Error::new(
+            404,
+            "BLOB_UNKNOWN",
+            format!("blob {digest} is not in {raw}"),
+        )
+    };
+    let meta = blocking({
+        let (store, digest, repo) = (store.clone(), digest.clone(), name.repository.clone());
+        move || match store.repository_has_blob(&repo, &digest)? {
+            true => store.stat_blob(&digest),
+            false => Ok(None),
+        }
+    })
+    .await?
+    .ok_or_else(unknown)?;
+    check_access(state, &name, credentials).await?;
+    let range = match byte_range(req, meta.size) {
+        Ok(r) => r,
+        Err(()) => {
+            let mut resp = V2Error::new(416, "BLOB_UNKNOWN", "range not satisfiable").response();
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{}", meta.size)) {
+                resp.headers_mut().insert(header::CONTENT_RANGE, v);
+            }
+            return Ok(resp);
+        }
+    };
+    let partial = range.is_some();
+    let reader = blocking({
+        let digest = digest.clone();
+        move || store.open_blob(&digest, range)
+    })
+    .await
+    .map_err(|e| if e.status == 404 { unknown() } else { e })?;
+    let mut builder = Response::builder()
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header("docker-content-digest", digest.to_string())
+        .header(header::ETAG, format!("\"{digest}\""))
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header(
+            header::CONTENT_LENGTH,
+            reader.range.end - reader.range.start,
+        );
+    if partial {
+        builder = builder.status(StatusCode::PARTIAL_CONTENT).header(
+            header::CONTENT_RANGE,
+            format!(
+                "bytes {}-{}/{}",
+                reader.range.start,
+                reader.range.end - 1,
+                reader.size
+            ),
+        );
+    }
+    let body = if req.method() == Method::HEAD {
+        empty()
+    } else {
+        stream_reader(reader)
+    };
+    Ok(builder.body(body).expect("valid response"))
+}
+
+/// A stored blob's bytes as a body, read on a blocking thread (the lease held until the end).
+fn stream_reader(mut reader: crate::store::BlobReader) -> Body {
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Frame<Bytes>>>(4);
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut left = reader.range.end - reader.range.start;
+        while left > 0 {
+            let mut buf = vec![0u8; CHUNK.min(left as usize)];
+            match reader.read(&mut buf) {
+                Ok(0) => {
+                    let _ = tx.blocking_send(Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "stored blob shorter than its size",
+                    )));
+                    return;
+                }
+                Ok(n) => {
+                    buf.truncate(n);
+                    left -= n as u64;
+                    if tx.blocking_send(Ok(Frame::data(Bytes::from(buf)))).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(e));
+                    return;
+                }
+            }
+        }
+    });
+    BodyExt::boxed_unsync(StreamBody::new(ReceiverStream::new(rx)))
+}
