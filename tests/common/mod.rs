@@ -362,6 +362,12 @@ impl Server {
     /// Starts a server with `RUST_LOG` set to `filter`.
     pub fn start_logging(registry: &str, extra: &[&str], filter: &str) -> Server {
         let cache = scratch(&format!("cache-{}", rand_suffix()));
+        Server::start_with_cache(registry, &cache, extra, filter)
+    }
+
+    /// Starts a server on an existing cache directory: a restart of an earlier one that used `cache`.
+    pub fn start_with_cache(registry: &str, cache: &Path, extra: &[&str], filter: &str) -> Server {
+        let cache = cache.to_path_buf();
         let mut child = strata()
             .args([
                 "serve",
