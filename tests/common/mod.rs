@@ -5,6 +5,7 @@
 pub mod fixtures;
 pub mod images;
 pub mod proxy;
+pub mod pull;
 pub mod registry;
 pub mod schema1;
 pub mod squashing;
