@@ -187,9 +187,9 @@ fn check_manifest(view: &View, name: &str, accept: &str) -> (Value, String) {
     };
     let url = view.url(&format!("squash/fixtures/{name}/manifests/v1"));
     let accept_header = format!("Accept: {accept}");
-    let (status, head, body) = curl(&["-I", "-H", &accept_header, &url]);
+    // curl -I reads no body (and writes the headers where the body would go).
+    let (status, head, _) = curl(&["-I", "-H", &accept_header, &url]);
     assert_eq!(status, 200, "HEAD {url}: {head}");
-    assert!(body.is_empty());
     let (status, get, body) = view.manifest(name, "v1", accept);
     assert_eq!(status, 200, "GET {url}: {}", String::from_utf8_lossy(&body));
     for headers in [&head, &get] {
@@ -256,9 +256,8 @@ fn blobs_answer_head_and_ranges() {
     let size = full.len();
     assert!(size > 30, "{size}");
 
-    let (status, headers, body) = view.blob(name, digest, &["-I"]);
+    let (status, headers, _) = view.blob(name, digest, &["-I"]);
     assert_eq!(status, 200, "{headers}");
-    assert!(body.is_empty());
     assert_eq!(header(&headers, "content-length"), size.to_string());
     assert_eq!(header(&headers, "docker-content-digest"), digest);
 
@@ -434,17 +433,18 @@ fn a_restart_serves_the_store_without_fetching_blobs_again() {
     let manifest = json_body(&stored);
     fetch_blob(&second, name, &manifest["layers"][0]);
     fetch_blob(&second, name, &manifest["config"]);
-    // By tag, the tag is resolved upstream again, to the same source: nothing to convert.
+    let since = |fetched: usize| -> Vec<String> {
+        let blobs = proxy.requests("/blobs/");
+        blobs[fetched..].iter().map(|r| r.path.clone()).collect()
+    };
+    assert_eq!(since(fetched), Vec::<String>::new(), "by digest");
+    // By tag, the tag is resolved upstream again, to the same source manifest: that names the
+    // conversion stored, so no source blob (layer or config) is needed.
     let (status, _, by_tag) = second.manifest(name, "v1", OCI_MANIFEST);
     assert_eq!(status, 200);
     assert_eq!(by_tag, body);
     assert_eq!(second.conversions(), 0, "a restart converts nothing again");
-    assert_eq!(
-        proxy.requests("/blobs/").len(),
-        fetched,
-        "no source blob fetched after the restart: {:?}",
-        proxy.requests("/blobs/")[fetched..].to_vec()
-    );
+    assert_eq!(since(fetched), Vec::<String>::new(), "by tag");
 }
 
 #[test]
