@@ -5,6 +5,7 @@
 pub mod fixtures;
 pub mod images;
 pub mod proxy;
+pub mod pull;
 pub mod registry;
 pub mod schema1;
 pub mod squashing;
@@ -362,6 +363,12 @@ impl Server {
     /// Starts a server with `RUST_LOG` set to `filter`.
     pub fn start_logging(registry: &str, extra: &[&str], filter: &str) -> Server {
         let cache = scratch(&format!("cache-{}", rand_suffix()));
+        Server::start_with_cache(registry, &cache, extra, filter)
+    }
+
+    /// Starts a server on an existing cache directory: a restart of an earlier one that used `cache`.
+    pub fn start_with_cache(registry: &str, cache: &Path, extra: &[&str], filter: &str) -> Server {
+        let cache = cache.to_path_buf();
         let mut child = strata()
             .args([
                 "serve",
