@@ -281,13 +281,38 @@ fn blobs_answer_head_and_ranges() {
 fn ping_answers_as_a_registry() {
     let env = env();
     let view = View::start(&env.registry);
+    // Anonymous: the token challenge that makes every client fetch a token (with its credentials
+    // if it has any), as Docker Hub does; a Basic challenge would fail anonymous docker pulls.
     let (status, headers, body) = curl(&[&view.url("")]);
+    assert_eq!(status, 401, "{headers}");
+    assert_eq!(json_body(&body)["errors"][0]["code"], "UNAUTHORIZED");
+    assert_eq!(
+        header(&headers, "docker-distribution-api-version"),
+        "registry/2.0"
+    );
+    let challenge = header(&headers, "www-authenticate");
+    let realm = challenge
+        .strip_prefix("Bearer realm=\"")
+        .and_then(|r| r.split('"').next())
+        .unwrap_or_else(|| panic!("not a bearer challenge: {challenge}"));
+    assert!(challenge.contains("service=\"strata\""), "{challenge}");
+    // An anonymous token, then the ping with it.
+    let (status, _, body) = curl(&[&format!(
+        "{realm}?service=strata&scope=repository:squash/x:pull"
+    )]);
+    assert_eq!(status, 200);
+    let token = json_body(&body)["token"].as_str().unwrap().to_string();
+    let bearer = format!("Authorization: Bearer {token}");
+    let (status, headers, body) = curl(&["-H", &bearer, &view.url("")]);
     assert_eq!(status, 200, "{headers}");
     assert_eq!(json_body(&body), json!({}));
     assert_eq!(
         header(&headers, "docker-distribution-api-version"),
         "registry/2.0"
     );
+    // A token this service did not issue is refused.
+    let (status, _, _) = curl(&["-H", "Authorization: Bearer forged", &view.url("")]);
+    assert_eq!(status, 401);
 }
 
 #[test]
