@@ -1,4 +1,4 @@
-# Shared by the bench and soak scripts (and test.sh's registry): packages, a scratch directory with
+# Shared by the bench and soak scripts (and test.sh's registry and dockerd): packages, a scratch directory with
 # the processes to stop, a distribution registry on a free loopback port. Sourced.
 
 # need_packages NAME...: installs those (Debian package = command name) that are missing.
@@ -68,5 +68,28 @@ YML
   done
   cat "$dir/registry.log"
   echo "registry did not start" >&2
+  return 1
+}
+
+# start_dockerd DIR: a Docker daemon with vfs storage and no networking, its socket in DIR; exports
+# DOCKER_HOST and adds the pid to $pids. Waits until it answers.
+start_dockerd() {
+  local dir=$1
+  mkdir -p "$dir"
+  dockerd --storage-driver=vfs --iptables=false --ip6tables=false --bridge=none \
+    --data-root "$dir/data" --exec-root "$dir/exec" --pidfile "$dir/docker.pid" \
+    -H "unix://$dir/docker.sock" >"$dir/dockerd.log" 2>&1 &
+  pids+=($!)
+  export DOCKER_HOST="unix://$dir/docker.sock"
+}
+
+# wait_dockerd DIR: waits (60 s at most) until the daemon of start_dockerd answers.
+wait_dockerd() {
+  for _ in $(seq 1 60); do
+    docker info >/dev/null 2>&1 && return 0
+    sleep 1
+  done
+  tail -50 "$1/dockerd.log"
+  echo "dockerd did not start" >&2
   return 1
 }

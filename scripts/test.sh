@@ -44,11 +44,7 @@ trap cleanup EXIT
 start_registry "$work/registry"
 pids+=("$registry_pid")
 
-mkdir -p "$work/docker"
-dockerd --storage-driver=vfs --iptables=false --ip6tables=false --bridge=none \
-  --data-root "$work/docker/data" --exec-root "$work/docker/exec" --pidfile "$work/docker/docker.pid" \
-  -H "unix://$work/docker/docker.sock" >"$work/dockerd.log" 2>&1 &
-pids+=($!)
+start_dockerd "$work/docker"
 
 mkdir -p "$work/containerd"
 cat > "$work/containerd/config.toml" <<TOML
@@ -62,14 +58,11 @@ TOML
 containerd --config "$work/containerd/config.toml" >"$work/containerd.log" 2>&1 &
 pids+=($!)
 
-export DOCKER_HOST="unix://$work/docker/docker.sock"
-for _ in $(seq 1 60); do
-  if docker info >/dev/null 2>&1 && [ -S "$work/containerd/containerd.sock" ]; then
-    break
-  fi
+wait_dockerd "$work/docker"
+for _ in $(seq 1 30); do
+  [ -S "$work/containerd/containerd.sock" ] && break
   sleep 1
 done
-docker info >/dev/null || { tail -50 "$work/dockerd.log"; echo "dockerd did not start"; exit 1; }
 [ -S "$work/containerd/containerd.sock" ] || { tail -50 "$work/containerd.log"; echo "containerd did not start"; exit 1; }
 
 export STRATA_TEST_REGISTRY="$registry"
