@@ -17,6 +17,7 @@ mod plan;
 mod prepass;
 mod space;
 mod stored;
+mod wire;
 
 use std::path::PathBuf;
 use std::pin::Pin;

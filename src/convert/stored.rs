@@ -5,15 +5,15 @@
 //! on when the request that started it is gone, so a retry finds it stored.
 
 use std::collections::HashMap;
-use std::io::{self, Write};
+use std::io;
 use std::sync::{Arc, Mutex};
 
 use futures::future::{BoxFuture, FutureExt, Shared};
-use sha2::{Digest as _, Sha256};
 use tokio::runtime::Handle;
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::job::{Job, Output};
+use super::wire::write_layer;
 use super::{Converter, Error};
 use crate::digest::Digest;
 use crate::format::image::{
@@ -23,11 +23,7 @@ use crate::format::image::{
 use crate::manifest::{self, Platform};
 use crate::reference::Reference;
 use crate::registry::Credentials;
-use crate::store::{ArtifactKey, BlobWriter, Published, Store, StoreError};
-
-/// gzip level of the wire layer: zlib-rs's fastest, since a first pull waits for the whole layer.
-const GZIP_LEVEL: u32 = 1;
-const ZSTD_LEVEL: i32 = 3;
+use crate::store::{ArtifactKey, Published, Store, StoreError};
 
 /// What a pull asks for.
 #[derive(Debug, Clone)]
@@ -412,87 +408,4 @@ async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, Error> {
     joined(tokio::task::spawn_blocking(f).await)?.map_err(store_error)
-}
-
-/// Merges the layers into the wire blob: tar → diff_id hash → compressor → store upload.
-fn write_layer(
-    job: &Job,
-    store: &Store,
-    compression: WireCompression,
-    handle: &Handle,
-) -> io::Result<(Published, String)> {
-    let upload = store.blob_writer(None).map_err(io::Error::other)?;
-    let mut out = Hashing {
-        inner: Compressor::new(compression, upload)?,
-        hasher: Sha256::new(),
-    };
-    job.write_layer(&mut out, handle)?;
-    let diff_id = format!("sha256:{}", hex::encode(out.hasher.finalize()));
-    let published = out.inner.finish()?.finish().map_err(io::Error::other)?;
-    Ok((published, diff_id))
-}
-
-/// Takes the sha256 of what passes (the uncompressed layer: its diff_id).
-struct Hashing<W> {
-    inner: W,
-    hasher: Sha256,
-}
-
-impl<W: Write> Write for Hashing<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hasher.update(&buf[..n]);
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
-
-enum Compressor {
-    Gzip(flate2::write::GzEncoder<BlobWriter>),
-    Zstd(zstd::stream::write::Encoder<'static, BlobWriter>),
-    None(BlobWriter),
-}
-
-impl Compressor {
-    fn new(compression: WireCompression, out: BlobWriter) -> io::Result<Compressor> {
-        Ok(match compression {
-            WireCompression::Gzip => Compressor::Gzip(flate2::write::GzEncoder::new(
-                out,
-                flate2::Compression::new(GZIP_LEVEL),
-            )),
-            WireCompression::Zstd => {
-                Compressor::Zstd(zstd::stream::write::Encoder::new(out, ZSTD_LEVEL)?)
-            }
-            WireCompression::None => Compressor::None(out),
-        })
-    }
-
-    fn finish(self) -> io::Result<BlobWriter> {
-        match self {
-            Compressor::Gzip(e) => e.finish(),
-            Compressor::Zstd(e) => e.finish(),
-            Compressor::None(w) => Ok(w),
-        }
-    }
-}
-
-impl Write for Compressor {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Compressor::Gzip(e) => e.write(buf),
-            Compressor::Zstd(e) => e.write(buf),
-            Compressor::None(w) => w.write(buf),
-        }
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        match self {
-            Compressor::Gzip(e) => e.flush(),
-            Compressor::Zstd(e) => e.flush(),
-            Compressor::None(w) => w.flush(),
-        }
-    }
 }
