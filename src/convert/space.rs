@@ -50,26 +50,44 @@ impl Converter {
         if deleted {
             tracing::info!(repository, %manifest, "deleted a converted image");
             let this = self.clone();
-            tokio::spawn(async move { this.collect().await });
+            tokio::spawn(async move {
+                // Blobs read or written within the grace period are spared; once it is over, a
+                // second pass takes those the delete left unreferenced.
+                if this.collect().await > 0 {
+                    let wait = this.config.gc_grace + crate::store::gc::MTIME_SLACK;
+                    tokio::time::sleep(wait + Duration::from_secs(1)).await;
+                    this.collect().await;
+                }
+            });
         }
         Ok(deleted)
     }
 
-    /// One GC pass: blobs no manifest names, older than the grace period, are removed.
-    pub async fn collect(&self) {
+    /// One GC pass: blobs no manifest names, older than the grace period, are removed. Returns how
+    /// many unreferenced blobs it spared for being too recent.
+    pub async fn collect(&self) -> usize {
         let Some(store) = self.images.clone() else {
-            return;
+            return 0;
         };
         let grace = self.config.gc_grace;
         match tokio::task::spawn_blocking(move || store.gc(grace)).await {
-            Ok(Ok(report)) => tracing::info!(
-                removed = report.removed.len(),
-                spared = report.spared,
-                referenced = report.referenced,
-                "garbage collection"
-            ),
-            Ok(Err(e)) => tracing::warn!(error = %e, "garbage collection failed"),
-            Err(e) => tracing::warn!(error = %e, "garbage collection task failed"),
+            Ok(Ok(report)) => {
+                tracing::info!(
+                    removed = report.removed.len(),
+                    spared = report.spared,
+                    referenced = report.referenced,
+                    "garbage collection"
+                );
+                report.spared
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "garbage collection failed");
+                0
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "garbage collection task failed");
+                0
+            }
         }
     }
 

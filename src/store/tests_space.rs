@@ -188,7 +188,7 @@ fn eviction_of_a_layer_makes_its_manifest_incomplete() {
 
 #[test]
 fn delete_unlinks_untags_forgets_and_gc_then_collects() {
-    let (_dir, store) = store();
+    let (dir, store) = store();
     let put = |b: &[u8]| store.put_blob(b).unwrap().digest;
     let (cfg, layer, kept_cfg) = (put(b"cfg"), put(b"layer"), put(b"kept cfg"));
     let oci = store
@@ -212,7 +212,16 @@ fn delete_unlinks_untags_forgets_and_gc_then_collects() {
     assert!(store.tags("squash/a", None, None).unwrap().is_empty());
     assert_eq!(store.derived(&key).unwrap(), None);
     assert_eq!(store.repositories(None, None).unwrap(), ["squash/b"]);
-    let report = store.gc(Duration::ZERO).unwrap();
+    // Within the grace period (and the mtime slack) nothing goes.
+    assert!(store
+        .gc(Duration::from_secs(60))
+        .unwrap()
+        .removed
+        .is_empty());
+    for d in [&cfg, &layer, &oci, &kept_cfg, &kept] {
+        age(dir.path(), d, 120);
+    }
+    let report = store.gc(Duration::from_secs(60)).unwrap();
     let mut removed = report.removed.clone();
     removed.sort();
     let mut want = vec![cfg, layer, oci];

@@ -139,11 +139,15 @@ pub(super) async fn manifest(
     match waited {
         Ok(Ok(m)) => Ok(manifest_response(&m)),
         Ok(Err(e)) => Err(V2Error::from_convert(&e, "MANIFEST_UNKNOWN")),
-        // The conversion goes on; the client is asked to come back.
+        // The conversion goes on; the client is asked to come back. 429 is the one answer every
+        // client tested retries (podman, skopeo after Retry-After, containerd at once; docker
+        // 20.10 prints the message and stops): docs/PERFORMANCE.md, "First pulls".
         Err(_) => Err(V2Error::new(
-            503,
-            "UNAVAILABLE",
-            "the squashed image is being converted; retry shortly",
+            429,
+            "TOOMANYREQUESTS",
+            format!(
+                "{raw}:{tag_or_digest} is being converted; pull again in {CONVERTING_RETRY_SECS} s"
+            ),
         )
         .retry_after(CONVERTING_RETRY_SECS)),
     }

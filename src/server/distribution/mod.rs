@@ -22,8 +22,10 @@ use crate::registry::Credentials;
 use crate::store::{names, Store, StoreError};
 use error::V2Error;
 
-/// How long a first pull's manifest request waits for its conversion unless configured.
-pub const DEFAULT_MANIFEST_WAIT: Duration = Duration::from_secs(60);
+/// How long a first pull's manifest request waits for its conversion unless configured: under the
+/// 30 s idle timeout common in front of registries, and 6 waits (containerd's retries) under
+/// containerd CRI's 5 min pull-progress timeout.
+pub const DEFAULT_MANIFEST_WAIT: Duration = Duration::from_secs(25);
 /// The repository prefix of squashed images.
 const SQUASH: &str = "squash/";
 /// Bytes per chunk of a blob response.
