@@ -349,3 +349,30 @@ fn schema2_is_preferred_to_a_conversion() {
     let comment = config["history"][0]["comment"].as_str().unwrap();
     assert!(comment.contains(&schema2), "{comment} names {schema2}");
 }
+
+/// The registry view takes a schema 1 source as the tarball routes do: `docker pull` of
+/// `squash/s1/app` is one layer with the file system `docker pull` of the source gives.
+#[test]
+fn schema1_through_the_registry_view_matches_docker_pull() {
+    let _env = env();
+    let registry = Schema1Registry::start();
+    push_signed(&registry, "view", &entries());
+    let server = Server::start(&registry.addr, &["--default-registry", &registry.addr]);
+    let source = format!("{}/{REPO}:view", registry.addr);
+    run(docker().args(["pull", "-q", &source]));
+    let view = format!(
+        "{}/squash/{REPO}:view",
+        server.url.trim_start_matches("http://")
+    );
+    run(docker().args(["pull", "-q", &view]));
+    let layers = run(docker().args(["image", "inspect", "-f", "{{len .RootFS.Layers}}", &view]));
+    assert_eq!(String::from_utf8_lossy(&layers).trim(), "1");
+    assert_same(&export_listing(&source), &export_listing(&view), &view);
+    for field in ["Config", "Architecture", "Os", "Created"] {
+        assert_eq!(
+            inspect(&view)[0][field],
+            inspect(&source)[0][field],
+            "{field}"
+        );
+    }
+}

@@ -23,6 +23,7 @@ use crate::format::image::{
 use crate::manifest::{self, Platform};
 use crate::reference::Reference;
 use crate::registry::Credentials;
+use crate::source::RawManifest;
 use crate::store::{ArtifactKey, Published, Store, StoreError};
 
 /// What a pull asks for.
@@ -104,7 +105,7 @@ impl Converter {
             Some(choices) if request.accepts_index => {
                 let converting = choices.iter().map(|c| async {
                     let m = self
-                        .converted(&store, by_digest(&c.digest)?, request, slot)
+                        .converted(&store, by_digest(&c.digest)?, None, request, slot)
                         .await?;
                     Ok::<_, Error>(IndexEntry {
                         manifest: Blob {
@@ -150,11 +151,14 @@ impl Converter {
                             request.platform
                         ))
                     })?;
-                self.converted(&store, by_digest(&choice.digest)?, request, slot)
+                self.converted(&store, by_digest(&choice.digest)?, None, request, slot)
                     .await?
             }
+            // Not fetched again: a signed schema 1 manifest is known by its payload's digest, which
+            // a registry need not serve it by.
             None => {
-                self.converted(&store, by_digest(&raw.digest.to_string())?, request, slot)
+                let image = by_digest(&raw.digest.to_string())?;
+                self.converted(&store, image, Some(raw), request, slot)
                     .await?
             }
         };
@@ -212,6 +216,7 @@ impl Converter {
         self: &Arc<Self>,
         store: &Store,
         image: Reference,
+        fetched: Option<RawManifest>,
         request: &ViewRequest,
         slot: &(dyn Fn() -> Result<OwnedSemaphorePermit, Error> + Sync),
     ) -> Result<StoredManifest, Error> {
@@ -224,7 +229,7 @@ impl Converter {
         let digest = match found {
             Some(d) => d,
             None => {
-                self.flight(key, image, request.credentials.clone(), slot)?
+                self.flight(key, image, fetched, request.credentials.clone(), slot)?
                     .await?
             }
         };
@@ -251,6 +256,7 @@ impl Converter {
         self: &Arc<Self>,
         key: ArtifactKey,
         image: Reference,
+        fetched: Option<RawManifest>,
         credentials: Credentials,
         slot: &(dyn Fn() -> Result<OwnedSemaphorePermit, Error> + Sync),
     ) -> Result<Flight, Error> {
@@ -265,7 +271,7 @@ impl Converter {
         let task = tokio::spawn(async move {
             let result = this
                 .clone()
-                .convert_into_store(key, image, credentials)
+                .convert_into_store(key, image, fetched, credentials)
                 .await;
             this.flights
                 .0
@@ -286,6 +292,7 @@ impl Converter {
         self: Arc<Self>,
         key: ArtifactKey,
         image: Reference,
+        fetched: Option<RawManifest>,
         credentials: Credentials,
     ) -> Result<Digest, Error> {
         let store = self.images()?.clone();
@@ -298,14 +305,13 @@ impl Converter {
         }
         let started = std::time::Instant::now();
         let alive = self.conversions.start();
-        let image = manifest::resolve_for(
-            &self.source,
-            &image,
-            None,
-            &credentials,
-            &self.config.limits,
-        )
-        .await
+        let limits = &self.config.limits;
+        let image = match fetched {
+            Some(raw) => {
+                manifest::resolve_raw(&self.source, &image, raw, None, &credentials, limits).await
+            }
+            None => manifest::resolve_for(&self.source, &image, None, &credentials, limits).await,
+        }
         .map_err(super::error::source_error)?;
         let (_, hints) = self.analyse(&image, &credentials, false, &alive).await?;
         let compression = self.config.wire_compression;

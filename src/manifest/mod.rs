@@ -107,9 +107,22 @@ pub async fn resolve_for(
     credentials: &Credentials,
     limits: &Limits,
 ) -> Result<ResolvedImage, SourceError> {
-    let mut raw = source
+    let raw = source
         .manifest(reference, &reference.manifest_ref(), credentials)
         .await?;
+    resolve_raw(source, reference, raw, platform, credentials, limits).await
+}
+
+/// [`resolve_for`] of a manifest already fetched (for `reference`, by tag or digest): an image
+/// manifest is taken as it is, not fetched again.
+pub async fn resolve_raw(
+    source: &Source,
+    reference: &Reference,
+    mut raw: RawManifest,
+    platform: Option<&Platform>,
+    credentials: &Credentials,
+    limits: &Limits,
+) -> Result<ResolvedImage, SourceError> {
     let chosen = match platform {
         Some(platform) => choose_from_index(reference, &raw.bytes, &raw.media_type, platform)?,
         None if index_platforms(reference, &raw.bytes, &raw.media_type)?.is_some() => {
