@@ -235,6 +235,10 @@ pub struct ViewArgs {
     /// Seconds between GC passes over the store (0: only after deletes).
     #[arg(long, default_value_t = 3600)]
     pub gc_interval: u64,
+    /// Secret that turns on `POST /hooks/registry` (convert on push): notifications carry it as
+    /// `Authorization: Bearer TOKEN`. The environment keeps it out of `ps`.
+    #[arg(long, env = "STRATA_HOOK_TOKEN", hide_env_values = true)]
+    pub hook_token: Option<String>,
 }
 
 fn parse_alias(s: &str) -> Result<(String, String), String> {

@@ -62,6 +62,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             config.store_max_bytes = (view.cache_max_bytes > 0).then_some(view.cache_max_bytes);
             config.gc_grace = std::time::Duration::from_secs(view.gc_grace);
             settings.enable_delete = view.enable_delete;
+            settings.hook_token = view
+                .hook_token
+                .map(strata::server::HookToken::new)
+                .transpose()
+                .map_err(anyhow::Error::msg)?;
+            if settings.hook_token.is_some() && config.store_dir.is_none() {
+                anyhow::bail!("--hook-token converts into the store: give --store or a cache dir");
+            }
             let converter = Arc::new(Converter::new(config)?);
             if view.gc_interval > 0 && converter.image_store().is_some() {
                 let interval = std::time::Duration::from_secs(view.gc_interval);

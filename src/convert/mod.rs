@@ -256,7 +256,7 @@ impl Converter {
     }
 
     /// A conversion service must not be a way to reach arbitrary hosts.
-    fn check_allowed(&self, reference: &Reference) -> Result<(), Error> {
+    pub fn check_allowed(&self, reference: &Reference) -> Result<(), Error> {
         if matches!(self.source, Source::Layout(_)) {
             return Ok(());
         }

@@ -3,6 +3,7 @@
 
 pub mod discovery;
 mod distribution;
+mod hooks;
 pub mod routes;
 
 use std::convert::Infallible;
@@ -31,6 +32,7 @@ use crate::manifest::Platform;
 use crate::registry::Credentials;
 use crate::stats::Stats;
 pub use distribution::DEFAULT_MANIFEST_WAIT;
+pub use hooks::HookToken;
 use routes::{AciRoute, Route, RouteError};
 
 /// Conversions served at once unless configured: each holds a blocking thread and a few MiB.
@@ -64,6 +66,8 @@ pub struct ServerSettings {
     pub manifest_wait: Duration,
     /// Whether the registry view accepts `DELETE` of a converted image.
     pub enable_delete: bool,
+    /// The secret push notifications carry; without one, `/hooks/registry` is not served.
+    pub hook_token: Option<HookToken>,
 }
 
 impl Default for ServerSettings {
@@ -78,6 +82,7 @@ impl Default for ServerSettings {
             registry_aliases: Vec::new(),
             manifest_wait: DEFAULT_MANIFEST_WAIT,
             enable_delete: false,
+            hook_token: None,
         }
     }
 }
@@ -88,6 +93,7 @@ struct State {
     converter: Arc<Converter>,
     permits: Arc<Semaphore>,
     settings: ServerSettings,
+    hooks: hooks::Hooks,
 }
 
 /// Serves until `shutdown` completes, then lets open connections finish for the grace period.
@@ -101,6 +107,7 @@ pub async fn run(
         converter,
         permits: Arc::new(Semaphore::new(settings.max_concurrent)),
         settings: settings.clone(),
+        hooks: hooks::Hooks::new(settings.hook_token.as_ref()),
     });
     let connections = Arc::new(Semaphore::new(settings.max_connections));
     let mut http = http1::Builder::new();
@@ -261,6 +268,9 @@ async fn respond(req: Request<Incoming>, state: &Arc<State>) -> Response<Body> {
     if let Route::Distribution(path) = &route {
         return distribution::respond(&req, state, path).await;
     }
+    if route == Route::Hook {
+        return hooks::respond(req, state).await;
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         let mut resp = json_error(405, "METHOD_NOT_ALLOWED", "only GET and HEAD are served");
         resp.headers_mut()
@@ -303,7 +313,7 @@ async fn respond(req: Request<Incoming>, state: &Arc<State>) -> Response<Body> {
             )
         }
         Route::Squash(r) => r,
-        Route::Distribution(_) => unreachable!("answered above"),
+        Route::Distribution(_) | Route::Hook => unreachable!("answered above"),
     };
     match squash(&req, state, &reference).await {
         Ok(resp) => resp,

@@ -18,6 +18,8 @@ pub enum Route {
     Stats,
     /// The registry view: `/v2/…`, routed further by `distribution`.
     Distribution(String),
+    /// A registry's push notifications (`hooks`).
+    Hook,
 }
 
 /// `/c1/aci/<server>/<repository...>/<tag>/{aci,aci.asc,sig}/<os>/<arch>/`, or
@@ -117,6 +119,9 @@ pub fn route(path: &str) -> Result<Route, RouteError> {
     }
     if path == "/v2" || path.starts_with("/v2/") {
         return Ok(Route::Distribution(path.to_string()));
+    }
+    if path == super::hooks::HOOK_PATH {
+        return Ok(Route::Hook);
     }
     if path == "/aci-signing-key" {
         return Ok(Route::SigningKey);
@@ -238,6 +243,7 @@ mod tests {
                 })),
             ),
             ("/debug/stats", Ok(Route::Stats)),
+            ("/hooks/registry", Ok(Route::Hook)),
             // rkt takes an http(s) URL only when its path ends in `.aci`, and asks for the
             // signature at the same path ending in `.aci.asc`.
             (
