@@ -45,6 +45,17 @@ impl Registry {
         }
     }
 
+    /// A registry with storage in `dir` that lets `user` in with `password` only (htpasswd, Basic).
+    pub fn htpasswd(dir: &Path, user: &str, password: &str) -> Registry {
+        let hash = bcrypt::hash(password, 4).unwrap();
+        std::fs::write(dir.join("htpasswd"), format!("{user}:{hash}\n")).unwrap();
+        let auth = format!(
+            "  htpasswd:\n    realm: strata-test\n    path: {}\n",
+            dir.join("htpasswd").display()
+        );
+        Registry::start(dir, "", Some(&auth))
+    }
+
     /// Stops the registry and starts it again on the same port and storage, so that it reads its
     /// configuration (and certificate bundle) anew.
     pub fn restart(&mut self) {
