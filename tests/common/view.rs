@@ -81,6 +81,14 @@ impl View {
         curl(&["-X", "DELETE", &url]).0
     }
 
+    /// An `Authorization` header with a token of the view's endpoint for curl arguments `creds`.
+    pub fn token(&self, creds: &[&str]) -> String {
+        let (status, _, body) = curl(&[creds, &[self.url("token").as_str()]].concat());
+        assert_eq!(status, 200);
+        let token = json_body(&body)["token"].as_str().unwrap().to_string();
+        format!("Authorization: Bearer {token}")
+    }
+
     /// The repositories `_catalog` lists.
     pub fn catalog(&self) -> Value {
         let (status, headers, body) = curl(&[&self.url("_catalog")]);
