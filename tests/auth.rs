@@ -43,13 +43,7 @@ const CAROL: User = User {
 /// Basic authentication against an htpasswd file.
 fn basic_registry() -> Registry {
     let dir = scratch(&format!("private-registry-{}", rand_suffix()));
-    let hash = bcrypt::hash(PASSWORD, 4).unwrap();
-    std::fs::write(dir.join("htpasswd"), format!("{USER}:{hash}\n")).unwrap();
-    let auth = format!(
-        "  htpasswd:\n    realm: strata-test\n    path: {}\n",
-        dir.join("htpasswd").display()
-    );
-    Registry::start(&dir, "", Some(&auth))
+    Registry::htpasswd(&dir, USER, PASSWORD)
 }
 
 /// Token authentication: the challenge sends clients to `tokens`, and the registry trusts what its

@@ -11,82 +11,9 @@ use common::fixtures::sha;
 use common::images;
 use common::proxy::{Fault, Proxy};
 use common::pull::{self, Client};
+use common::view::*;
 use common::*;
 use serde_json::{json, Value};
-
-const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-
-/// A strata server whose registry view names the test registry's repositories (`squash/<ns>/<repo>`
-/// is `<registry>/<ns>/<repo>`).
-struct View {
-    server: Server,
-    /// `127.0.0.1:PORT`, the registry host pull clients are given (docker, podman, skopeo and
-    /// containerd all allow plain HTTP there when told, docker by itself for 127.0.0.0/8).
-    host: String,
-}
-
-impl View {
-    fn start(registry: &str) -> View {
-        View::logging(registry, "warn")
-    }
-
-    fn logging(registry: &str, filter: &str) -> View {
-        View::of(Server::start_logging(
-            registry,
-            &["--default-registry", registry],
-            filter,
-        ))
-    }
-
-    fn of(server: Server) -> View {
-        let host = server.url.trim_start_matches("http://").to_string();
-        View { server, host }
-    }
-
-    /// `http://…/v2/<path>`.
-    fn url(&self, path: &str) -> String {
-        format!("{}/v2/{path}", self.server.url)
-    }
-
-    /// What a pull client is given for the conversion of `fixtures/<name>:<tag>`.
-    fn reference(&self, name: &str, tag: &str) -> String {
-        format!("{}/squash/fixtures/{name}:{tag}", self.host)
-    }
-
-    /// Manifest `reference` (tag or digest) of `squash/fixtures/<name>`, asked with `accept`.
-    fn manifest(&self, name: &str, reference: &str, accept: &str) -> (u16, String, Vec<u8>) {
-        curl(&[
-            "-H",
-            &format!("Accept: {accept}"),
-            &self.url(&format!("squash/fixtures/{name}/manifests/{reference}")),
-        ])
-    }
-
-    fn blob(&self, name: &str, digest: &str, extra: &[&str]) -> (u16, String, Vec<u8>) {
-        let url = self.url(&format!("squash/fixtures/{name}/blobs/{digest}"));
-        curl(&[extra, &[url.as_str()]].concat())
-    }
-
-    /// How many conversions the server logged it stored.
-    fn conversions(&self) -> usize {
-        self.server
-            .log
-            .lock()
-            .unwrap()
-            .matches("stored conversion")
-            .count()
-    }
-}
-
-fn json_body(body: &[u8]) -> Value {
-    serde_json::from_slice(body)
-        .unwrap_or_else(|e| panic!("{e}: not JSON: {}", String::from_utf8_lossy(body)))
-}
-
-fn header(headers: &str, name: &str) -> String {
-    header_value(headers, name).unwrap_or_else(|| panic!("no {name} header in\n{headers}"))
-}
 
 /// The image config of a manifest the test registry serves (the source of a conversion).
 fn source_config(registry: &str, repo: &str) -> Value {
@@ -319,13 +246,9 @@ fn ping_answers_as_a_registry() {
 fn tags_list_is_the_upstream_tags_paginated() {
     let env = env();
     let name = "view-tags";
-    let source = publish(&env, name, images::basic());
+    publish(&env, name, images::basic());
     for tag in ["v2", "v3"] {
-        run(std::process::Command::new("skopeo")
-            .args(["copy", "--quiet", "--src-tls-verify=false"])
-            .arg("--dest-tls-verify=false")
-            .arg(format!("docker://{source}"))
-            .arg(format!("docker://{}/fixtures/{name}:{tag}", env.registry)));
+        retag(&env, name, tag);
     }
     let view = View::start(&env.registry);
     let list = |query: &str| -> Value {

@@ -10,6 +10,7 @@ pub mod registry;
 pub mod schema1;
 pub mod squashing;
 pub mod token;
+pub mod view;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
@@ -110,6 +111,15 @@ pub fn publish_as(env: &Env, name: &str, images: Vec<fixtures::Image>, format: &
     );
     let _ = std::fs::remove_dir_all(&dir);
     format!("{}/fixtures/{name}:v1", env.registry)
+}
+
+/// Pushes `fixtures/<name>:v1` again as `fixtures/<name>:<tag>`.
+pub fn retag(env: &Env, name: &str, tag: &str) {
+    run(Command::new("skopeo")
+        .args(["copy", "--quiet", "--src-tls-verify=false"])
+        .arg("--dest-tls-verify=false")
+        .arg(format!("docker://{}/fixtures/{name}:v1", env.registry))
+        .arg(format!("docker://{}/fixtures/{name}:{tag}", env.registry)));
 }
 
 /// Pushes a one-layer gzip image `fixtures/<name>:v1`; returns its layer blob's digest, hex only (what
@@ -320,6 +330,12 @@ impl Server {
     /// Sends SIGTERM, as a service manager stopping it would.
     pub fn terminate(&self) {
         run(Command::new("kill").args(["-TERM", &self.child.id().to_string()]));
+    }
+
+    /// SIGKILL, as a crash or the OOM killer would: nothing of the process runs after it.
+    pub fn kill_hard(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
     }
 
     /// Waits up to `timeout` for the process to exit; its exit status if it did.

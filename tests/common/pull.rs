@@ -21,15 +21,32 @@ pub enum Client {
 /// it got into docker as `name` (`repo:tag`, no host); returns the image's layer count as the client
 /// itself holds it (docker's for docker).
 pub fn pull_into_docker(env: &Env, client: Client, reference: &str, name: &str) -> usize {
+    pull_platform_into_docker(env, client, reference, name, None)
+}
+
+/// Same, for `platform` (`os/arch`; `None`: the client's own), as each client is told to pick one
+/// from an index. docker loads and creates (without running) an image of another architecture.
+pub fn pull_platform_into_docker(
+    env: &Env,
+    client: Client,
+    reference: &str,
+    name: &str,
+    platform: Option<&str>,
+) -> usize {
     match client {
         Client::Docker => {
-            run(docker().args(["pull", "-q", reference]));
+            let mut pull = docker();
+            pull.args(["pull", "-q"]);
+            if let Some(p) = platform {
+                pull.args(["--platform", p]);
+            }
+            run(pull.arg(reference));
             run(docker().args(["tag", reference, name]));
             docker_layers(name)
         }
-        Client::Podman => podman_pull(reference, name),
-        Client::Skopeo => skopeo_pull(reference, name),
-        Client::Containerd => ctr_pull(env, reference, name),
+        Client::Podman => podman_pull(reference, name, platform),
+        Client::Skopeo => skopeo_pull(reference, name, platform),
+        Client::Containerd => ctr_pull(env, reference, name, platform),
     }
 }
 
@@ -66,9 +83,14 @@ pub fn podman(dir: &Path) -> Command {
     cmd
 }
 
-fn podman_pull(reference: &str, name: &str) -> usize {
+fn podman_pull(reference: &str, name: &str, platform: Option<&str>) -> usize {
     let dir = scratch(&format!("podman-{}", rand_suffix()));
-    run(podman(&dir).args(["pull", "--quiet", "--tls-verify=false", reference]));
+    let mut pull = podman(&dir);
+    pull.args(["pull", "--quiet", "--tls-verify=false"]);
+    if let Some(p) = platform {
+        pull.args(["--platform", p]);
+    }
+    run(pull.arg(reference));
     let out = run(podman(&dir).args([
         "image",
         "inspect",
@@ -91,10 +113,22 @@ fn podman_pull(reference: &str, name: &str) -> usize {
     layers
 }
 
-fn skopeo_pull(reference: &str, name: &str) -> usize {
+/// skopeo's spelling of a platform: `--override-os` and `--override-arch` (before `copy`).
+pub fn skopeo_platform(platform: Option<&str>) -> Vec<String> {
+    let Some((os, arch)) = platform.and_then(|p| p.split_once('/')) else {
+        return Vec::new();
+    };
+    let arch = arch.split('/').next().unwrap();
+    ["--override-os", os, "--override-arch", arch]
+        .map(String::from)
+        .to_vec()
+}
+
+fn skopeo_pull(reference: &str, name: &str, platform: Option<&str>) -> usize {
     let dir = scratch(&format!("skopeo-{}", rand_suffix()));
     let layout = dir.join("oci");
     run(Command::new("skopeo")
+        .args(skopeo_platform(platform))
         .args(["copy", "--quiet", "--src-tls-verify=false"])
         .arg(format!("docker://{reference}"))
         .arg(format!("oci:{}:pulled", layout.display())));
@@ -107,6 +141,45 @@ fn skopeo_pull(reference: &str, name: &str) -> usize {
     docker_load(&file, name);
     let _ = std::fs::remove_dir_all(&dir);
     layers
+}
+
+/// `skopeo copy` of `reference` into an OCI layout (skopeo checks every blob's digest), nothing
+/// loaded anywhere: the image's layer count and its first layer blob.
+pub fn skopeo_first_layer(reference: &str) -> (usize, Vec<u8>) {
+    let dir = scratch(&format!("skopeo-layer-{}", rand_suffix()));
+    run(Command::new("skopeo")
+        .args(["copy", "--quiet", "--src-tls-verify=false"])
+        .arg(format!("docker://{reference}"))
+        .arg(format!("oci:{}:pulled", dir.display())));
+    let blob = |digest: &str| std::fs::read(dir.join("blobs/sha256").join(&digest[7..])).unwrap();
+    let index: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("index.json")).unwrap()).unwrap();
+    let manifest: Value =
+        serde_json::from_slice(&blob(index["manifests"][0]["digest"].as_str().unwrap())).unwrap();
+    let layers = manifest["layers"].as_array().unwrap();
+    let first = blob(layers[0]["digest"].as_str().unwrap());
+    let _ = std::fs::remove_dir_all(&dir);
+    (layers.len(), first)
+}
+
+/// `docker login` to `host` with a client configuration of its own in `config` (`DOCKER_CONFIG`),
+/// so the login reaches only the docker commands given that directory.
+pub fn docker_login(config: &Path, host: &str, user: &str, password: &str) {
+    let mut login = docker()
+        .env("DOCKER_CONFIG", config)
+        .args(["login", host, "-u", user, "--password-stdin"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut login.stdin.take().unwrap(), password.as_bytes()).unwrap();
+    let out = login.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "docker login {host}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// The layer count of the one image of an OCI layout skopeo wrote.
@@ -133,22 +206,23 @@ pub fn ctr(env: &Env) -> Command {
     cmd
 }
 
-fn ctr_pull(env: &Env, reference: &str, name: &str) -> usize {
+fn ctr_pull(env: &Env, reference: &str, name: &str, platform: Option<&str>) -> usize {
+    let platform: Vec<&str> = platform.map(|p| vec!["--platform", p]).unwrap_or_default();
     // The native snapshotter: overlayfs mounts are not available everywhere the tests run.
-    run(ctr(env).args([
-        "images",
-        "pull",
-        "--plain-http",
-        "--snapshotter",
-        "native",
-        reference,
-    ]));
+    run(ctr(env)
+        .args(["images", "pull", "--plain-http", "--snapshotter", "native"])
+        .args(&platform)
+        .arg(reference));
     // ctr names the images it exports by their containerd names, which docker normalizes.
     let full = format!("docker.io/{name}");
     run(ctr(env).args(["images", "tag", "--force", reference, &full]));
     let dir = scratch(&format!("ctr-{}", rand_suffix()));
     let file = dir.join("image.tar");
-    run(ctr(env).args(["images", "export"]).arg(&file).arg(&full));
+    run(ctr(env)
+        .args(["images", "export"])
+        .args(&platform)
+        .arg(&file)
+        .arg(&full));
     let layers = archive_layers(&file);
     docker_load(&file, name);
     let _ = std::fs::remove_dir_all(&dir);

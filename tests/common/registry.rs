@@ -45,6 +45,31 @@ impl Registry {
         }
     }
 
+    /// A registry with storage in `dir` that lets `user` in with `password` only (htpasswd, Basic).
+    pub fn htpasswd(dir: &Path, user: &str, password: &str) -> Registry {
+        let hash = bcrypt::hash(password, 4).unwrap();
+        std::fs::write(dir.join("htpasswd"), format!("{user}:{hash}\n")).unwrap();
+        let auth = format!(
+            "  htpasswd:\n    realm: strata-test\n    path: {}\n",
+            dir.join("htpasswd").display()
+        );
+        Registry::start(dir, "", Some(&auth))
+    }
+
+    /// Pushes `images` (an index if several) as `repo:tag` with `creds` (`user:password`).
+    pub fn push(&self, creds: &str, images: Vec<super::fixtures::Image>, repo_tag: &str) {
+        let layout = super::scratch(&format!("push-layout-{}", super::rand_suffix()));
+        super::fixtures::write_layout(&layout, &images, "v1");
+        super::run(
+            Command::new("skopeo")
+                .args(["copy", "--quiet", "--preserve-digests"])
+                .args(["--dest-tls-verify=false", "--dest-creds", creds])
+                .arg(format!("oci:{}:v1", layout.display()))
+                .arg(format!("docker://{}/{repo_tag}", self.addr)),
+        );
+        let _ = std::fs::remove_dir_all(&layout);
+    }
+
     /// Stops the registry and starts it again on the same port and storage, so that it reads its
     /// configuration (and certificate bundle) anew.
     pub fn restart(&mut self) {
