@@ -172,3 +172,19 @@ fn a_slow_reader_pushes_back_on_the_registry() {
         "peak RSS went from {rss_before} KiB to {rss} KiB"
     );
 }
+
+/// A log that is not a terminal (a file, a pipe) gets no terminal escape codes.
+#[test]
+fn logs_to_a_pipe_carry_no_colour_codes() {
+    let env = env();
+    let server = Server::start_logging(&env.registry, &[], "info");
+    let (status, _, _) = curl(&[&format!("{}/healthz", server.url)]);
+    assert_eq!(status, 200);
+    std::thread::sleep(Duration::from_millis(300));
+    let log = server.log.lock().unwrap().clone();
+    assert!(log.contains("response started"), "{log}");
+    assert!(
+        !log.contains('\x1b'),
+        "escape codes in a piped log: {log:?}"
+    );
+}

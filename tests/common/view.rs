@@ -101,20 +101,11 @@ impl View {
         self.server.log.lock().unwrap().matches(line).count()
     }
 
-    /// The lines logged so far that contain `fragment`, without terminal colours (`key=value` as
-    /// written).
+    /// The lines logged so far that contain `fragment` (`key=value` as written: a log that is not a
+    /// terminal carries no colour codes).
     pub fn log_lines(&self, fragment: &str) -> Vec<String> {
         let log = self.server.log.lock().unwrap().clone();
-        let plain = log
-            .split('\x1b')
-            .enumerate()
-            .map(|(i, part)| match i {
-                0 => part,
-                _ => part.split_once('m').map_or(part, |(_, rest)| rest),
-            })
-            .collect::<String>();
-        plain
-            .lines()
+        log.lines()
             .filter(|l| l.contains(fragment))
             .map(str::to_string)
             .collect()
