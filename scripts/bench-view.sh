@@ -74,6 +74,17 @@ measure() {
   row "$name" "first pull from strata (converts; gzip)" "${first}s" "$(ratio "$first" "$direct")" "$(layer_size "$name")"
   second=$(timed_pull "$view/squash/bench/$name:v1")
   row "$name" "second pull from strata (stored; gzip)" "${second}s" "$(ratio "$second" "$direct")" "-"
+  # The tarball route: a first GET stores the archive, a repeat streams the stored bytes; the
+  # reference is reading the same stored file (page cache) with cat.
+  curl -fsS -o /dev/null "$url/squash/bench/$name:v1"
+  local stored_file bytes t0 t1 tar_s cat_s
+  stored_file=$(find "$work/cache/store/blobs" -type f -printf '%s %p\n' | sort -n | tail -1 | cut -d' ' -f2)
+  bytes=$(stat -c %s "$stored_file")
+  t0=$(now); curl -fsS -o /dev/null "$url/squash/bench/$name:v1"; t1=$(now)
+  tar_s=$(secs "$t0" "$t1")
+  t0=$(now); cat "$stored_file" >/dev/null; t1=$(now)
+  cat_s=$(secs "$t0" "$t1")
+  rows+=("$(printf '| %s | %s | %s | %s | %s |' "$name" "stored tarball repeat (curl of /squash/…), $(python3 -c "print(f'{$bytes/$tar_s/1e6:.0f}')") MB/s" "${tar_s}s" "$(ratio "$cat_s" "$tar_s") of cat's rate" "$bytes")")
   for c in gzip zstd none; do
     start_server "$c"
     local t0 t1
