@@ -17,16 +17,24 @@ use common::*;
 /// Three layers, the bottom one `bottom_len` bytes of noise, pushed as `fixtures/<name>:v1`; returns
 /// the reference through the proxy and the layer blobs' hex digests, bottom first.
 fn setup(env: &Env, proxy: &Proxy, name: &str, bottom_len: usize) -> (String, Vec<String>) {
+    // Bytes of its own per name, so no two tests share a blob (or a stored tarball).
+    let seed = {
+        use sha2::Digest;
+        u64::from_le_bytes(sha2::Sha256::digest(name)[..8].try_into().unwrap())
+    };
     let image = Image::new(vec![
         (
             Layer::new()
                 .dir("data", 0o755)
-                .file("data/bottom", 0o644, &noise(bottom_len, 11)),
+                .file("data/bottom", 0o644, &noise(bottom_len, seed)),
             Comp::Gzip,
         ),
-        (Layer::new().file("data/mid", 0o644, b"mid"), Comp::Zstd),
         (
-            Layer::new().file("data/top", 0o644, &noise(200 << 10, 12)),
+            Layer::new().file("data/mid", 0o644, name.as_bytes()),
+            Comp::Zstd,
+        ),
+        (
+            Layer::new().file("data/top", 0o644, &noise(200 << 10, seed + 1)),
             Comp::Gzip,
         ),
     ]);
@@ -386,6 +394,71 @@ fn a_failed_conversion_stores_nothing() {
     );
 }
 
+/// Under `--cache-max-bytes` the least recently used tarball goes once another is stored; its
+/// repeat converts again (the same bytes), and a tarball read since is kept.
+#[test]
+fn the_bound_evicts_the_least_recently_used_tarball() {
+    let env = env();
+    let proxy = Proxy::start(&env.registry);
+    // Each tarball is about 1.8 MiB: two do not fit.
+    let server = Server::start(
+        &proxy.addr,
+        &["--cache-max-bytes", &(3u64 << 20).to_string()],
+    );
+    let (a, a_layers) = setup(&env, &proxy, "stored-evict-a", 3 << 19);
+    let (b, b_layers) = setup(&env, &proxy, "stored-evict-b", 3 << 19);
+    let url = |r: &str| format!("{}/squash/{r}", server.url);
+    let blob = |bytes: &[u8]| {
+        use sha2::Digest;
+        server
+            .cache
+            .join("store/blobs/sha256")
+            .join(hex::encode(sha2::Sha256::digest(bytes)))
+    };
+    let gone = |path: &Path| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while path.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "{} was not evicted",
+                path.display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let (_, a_bytes) = fetch(&url(&a));
+    assert!(blob(&a_bytes).exists(), "stored under its digest");
+    let (_, b_bytes) = fetch(&url(&b));
+    gone(&blob(&a_bytes));
+    assert!(blob(&b_bytes).exists());
+
+    settle();
+    let (a_before, b_before) = (
+        layer_fetches(&proxy, &a_layers),
+        layer_fetches(&proxy, &b_layers),
+    );
+    assert!(fetch(&url(&b)).1 == b_bytes);
+    assert!(fetch(&url(&a)).1 == a_bytes);
+    settle();
+    for l in &b_layers {
+        eprintln!(
+            "DEBUG {l}: {:?}",
+            proxy
+                .requests(l)
+                .iter()
+                .map(|r| (&r.method, &r.path))
+                .collect::<Vec<_>>()
+        );
+    }
+    assert_eq!(layer_fetches(&proxy, &b_layers), b_before, "b was stored");
+    assert!(
+        layer_fetches(&proxy, &a_layers) > a_before,
+        "a was converted again"
+    );
+    gone(&blob(&b_bytes));
+    assert!(blob(&a_bytes).exists());
+}
+
 /// `--no-cache`: no store, so every request converts, as before the store existed.
 #[test]
 fn no_cache_converts_every_time() {
@@ -470,27 +543,19 @@ fn a_stored_aci_is_served_and_signed_from_the_store() {
     let dir = scratch("stored-aci");
     let key = keygen(&dir);
     let cache = dir.join("cache");
-    let args = |key: &Path| -> Vec<String> {
-        [
+    // A server signing with `key`, on `cache`: the second one is a restart with another key.
+    let with = |key: &Path| {
+        let args = [
             "--default-registry",
             &proxy.addr,
             "--public-name",
             "127.0.0.1",
             "--signing-key",
             key.to_str().unwrap(),
-            "--cache-dir",
-            cache.to_str().unwrap(),
-        ]
-        .map(String::from)
-        .to_vec()
+        ];
+        Server::start_with_cache(&proxy.addr, &cache, &args, "warn")
     };
-    let with = |a: &[String]| {
-        Server::start(
-            &proxy.addr,
-            &a.iter().map(String::as_str).collect::<Vec<_>>(),
-        )
-    };
-    let server = with(&args(&key));
+    let server = with(&key);
     let (_, layers) = setup(&env, &proxy, "stored-aci", 2 << 20);
     let url = aci_url(&server, "fixtures/stored-aci", "aci");
 
@@ -537,7 +602,7 @@ fn a_stored_aci_is_served_and_signed_from_the_store() {
     // Same store, another key: no signature of it is kept, and the one made in the background is
     // of the stored bytes, read from the store.
     let other = keygen(&scratch("stored-aci-other"));
-    let server = with(&args(&other));
+    let server = with(&other);
     let sig = signature(&aci_url(&server, "fixtures/stored-aci", "aci.asc"));
     settle();
     assert_eq!(

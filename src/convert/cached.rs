@@ -74,6 +74,9 @@ pub(super) struct Tee {
     key: ArtifactKey,
     /// Exact length the output must have, when announced ahead (a squash's `Content-Length`).
     expected: Option<u64>,
+    /// `--cache-max-bytes`: enforced after each tarball is stored, as after each registry-view
+    /// conversion.
+    max_bytes: Option<u64>,
 }
 
 impl Tee {
@@ -95,6 +98,7 @@ impl Tee {
             store,
             key,
             expected,
+            max_bytes,
         } = self;
         if expected.is_some_and(|e| e != written) {
             tracing::error!(written, ?expected, %key, "output length differs from the announced one; not stored");
@@ -120,7 +124,22 @@ impl Tee {
                 publish_ms = started.elapsed().as_millis() as u64,
                 "stored tarball"
             ),
-            Err(e) => tracing::warn!(error = %e, %key, "storing the tarball failed"),
+            Err(e) => {
+                tracing::warn!(error = %e, %key, "storing the tarball failed");
+                return;
+            }
+        }
+        // Apart, so the last bytes are not held back by it.
+        if let Some(max) = max_bytes {
+            std::thread::spawn(move || match store.evict(max) {
+                Ok(r) if !r.removed.is_empty() => tracing::info!(
+                    removed = r.removed.len(),
+                    bytes_left = r.bytes,
+                    "evicted least recently used blobs"
+                ),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "eviction failed"),
+            });
         }
     }
 }
@@ -177,6 +196,7 @@ impl Converter {
             store: self.images.clone()?,
             key: key.clone(),
             expected,
+            max_bytes: self.config.store_max_bytes,
         })
     }
 
@@ -447,6 +467,7 @@ mod tests {
             store: store.clone(),
             key: key.clone(),
             expected: Some(expected),
+            max_bytes: None,
         };
         let mut w = tee.writer().unwrap();
         w.write_all(bytes).unwrap();
