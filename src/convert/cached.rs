@@ -21,7 +21,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use super::{AciRequest, ByteStream, Converter, Error, Planned, PlannedAci};
 use crate::digest::Digest;
 use crate::sign::Signer;
-use crate::store::{ArtifactKey, BlobReader, BlobWriter, Store, StoreError};
+use crate::store::{ArtifactKey, BlobReader, BlobWriter, Lease, Store, StoreError};
 
 /// Media type of the descriptor a tarball's record names.
 const DESCRIPTOR_TYPE: &str = "application/vnd.strata.tarball.v1+json";
@@ -38,6 +38,8 @@ pub struct StoredTarball {
     pub digest: Digest,
     /// Exact length of the bytes.
     pub size: u64,
+    /// The descriptor the record names.
+    descriptor: Digest,
 }
 
 /// The key of a squash's bytes: the source manifest (which fixes the platform, config and layers),
@@ -176,9 +178,25 @@ fn lookup(store: &Store, key: &ArtifactKey) -> Result<Option<StoredTarball>, Sto
     let size = layer["size"].as_u64().ok_or_else(|| damaged("no size"))?;
     // Evicted (or, impossibly for a verified blob, of another size): convert again.
     Ok(match store.stat_blob(&digest)? {
-        Some(meta) if meta.size == size => Some(StoredTarball { digest, size }),
+        Some(meta) if meta.size == size => Some(StoredTarball {
+            digest,
+            size,
+            descriptor: record,
+        }),
         _ => None,
     })
+}
+
+/// The tarball opened for reading, and its descriptor leased: both are used, so both become recent
+/// for eviction (the descriptor is read unleased, and an old one would be evicted first, making a
+/// tarball read every minute a miss).
+fn open(
+    store: &Store,
+    tarball: &StoredTarball,
+    range: Option<Range<u64>>,
+) -> Result<(BlobReader, Option<Lease>), StoreError> {
+    let descriptor = store.lease(&tarball.descriptor)?;
+    Ok((store.open_blob(&tarball.digest, range)?, descriptor))
 }
 
 async fn blocking<T: Send + 'static>(
@@ -235,9 +253,9 @@ impl Converter {
         let Some(store) = self.images.clone() else {
             return Ok(None);
         };
-        let digest = tarball.digest.clone();
-        match blocking(move || store.open_blob(&digest, range)).await {
-            Ok(reader) => Ok(Some(stream_blob(reader))),
+        let tarball = tarball.clone();
+        match blocking(move || open(&store, &tarball, range)).await {
+            Ok((reader, descriptor)) => Ok(Some(stream_blob(reader, descriptor))),
             Err(StoreError::BlobUnknown(_)) => Ok(None),
             Err(e) => Err(Error::Internal(e.to_string())),
         }
@@ -311,9 +329,10 @@ fn sign_blob(mut reader: BlobReader, signer: &Arc<Signer>) -> io::Result<Vec<u8>
 
 /// A blob's bytes as a body, read on a blocking thread in [`STORED_CHUNK`]s. A read failure or a blob
 /// shorter than its range ends the stream with an error, so the transfer is aborted, never short.
-fn stream_blob(mut reader: BlobReader) -> ByteStream {
+fn stream_blob(mut reader: BlobReader, descriptor: Option<Lease>) -> ByteStream {
     let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(STORED_DEPTH);
     tokio::task::spawn_blocking(move || {
+        let _leased = descriptor;
         let mut left = reader.range.end - reader.range.start;
         while left > 0 {
             let want = left.min(STORED_CHUNK as u64) as usize;
@@ -510,6 +529,31 @@ mod tests {
         assert_eq!(report.referenced, 2, "the descriptor and the tarball");
         store.evict(0).unwrap();
         assert!(lookup(&store, &key).unwrap().is_none());
+    }
+
+    /// A tarball read since another was stored outlives it under the bound, descriptor included.
+    #[test]
+    fn reading_a_tarball_makes_it_and_its_descriptor_recent() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_dir(dir.path()).unwrap();
+        let tick = || std::thread::sleep(std::time::Duration::from_millis(30));
+        let (a, b) = (
+            squash_key(&Digest::of(b"a"), None, "r/a"),
+            squash_key(&Digest::of(b"b"), None, "r/b"),
+        );
+        publish(&store, &a, &[1; 1000], 1000);
+        tick();
+        publish(&store, &b, &[2; 1000], 1000);
+        tick();
+        let found = lookup(&store, &a).unwrap().unwrap();
+        drop(open(&store, &found, None).unwrap());
+        let descriptor = store.stat_blob(&found.descriptor).unwrap().unwrap().size;
+        store.evict(1000 + descriptor).unwrap();
+        assert!(
+            lookup(&store, &a).unwrap().is_some(),
+            "the one read was evicted"
+        );
+        assert!(lookup(&store, &b).unwrap().is_none());
     }
 
     #[test]
