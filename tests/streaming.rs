@@ -78,14 +78,26 @@ fn body_of(server: &Server, reference: &str) -> Vec<u8> {
     std::fs::read(out).unwrap()
 }
 
+/// Makes the image's size known as a first `HEAD` does: nothing is converted or stored, so the next
+/// `GET` is a conversion (a stored one would stream the stored bytes) that starts at once.
+fn size(server: &Server, reference: &str) {
+    let (status, _, _) = curl(&["-I", &format!("{}/squash/{reference}", server.url)]);
+    assert_eq!(status, 200);
+}
+
+/// The image as a server that stores and remembers nothing converts it through `registry`.
+fn converted_apart(registry: &str, reference: &str) -> Vec<u8> {
+    body_of(&Server::start(registry, &["--no-cache"]), reference)
+}
+
 #[test]
 fn first_byte_leaves_before_the_bottom_layer_is_fetched() {
     let env = env();
     let proxy = Proxy::start(&env.registry);
     let server = Server::start(&proxy.addr, &[]);
     let (r, bottom) = setup(&env, &proxy, "stream-first-byte", 1 << 20, 300 << 10);
-    // A first request makes the size known, as for any image converted before.
-    let whole = body_of(&server, &r);
+    let whole = converted_apart(&proxy.addr, &r);
+    size(&server, &r);
 
     let stall = Duration::from_secs(4);
     proxy.rule(&bottom[7..], Fault::Stall(stall), Some(1));
@@ -127,7 +139,7 @@ fn a_client_hang_up_stops_the_upstream_fetch() {
     let proxy = Proxy::start(&env.registry);
     let server = Server::start(&proxy.addr, &[]);
     let (r, bottom) = setup(&env, &proxy, "stream-hangup", 32 << 20, 1 << 10);
-    body_of(&server, &r);
+    size(&server, &r);
     let before = proxy.requests(&bottom[7..]).len();
 
     // 2 MiB/s: the 32 MiB blob would take 16 s.
@@ -193,7 +205,8 @@ fn a_registry_failing_after_the_first_byte_aborts_the_transfer() {
     let proxy = Proxy::start(&env.registry);
     let server = Server::start(&proxy.addr, &[]);
     let (r, bottom) = setup(&env, &proxy, "stream-upstream-dies", 4 << 20, 1 << 10);
-    let whole = body_of(&server, &r);
+    let whole = converted_apart(&proxy.addr, &r);
+    size(&server, &r);
     let url = format!("{}/squash/{r}", server.url);
     let dir = scratch("upstream-dies");
 
@@ -259,7 +272,8 @@ fn a_merged_layer_outgrowing_its_announced_size_aborts_and_the_next_request_succ
         Comp::Gzip,
     )]);
     let r = publish(&env, "size-exceeded", vec![image]);
-    let whole = body_of(&server, &r);
+    let whole = converted_apart(&env.registry, &r);
+    size(&server, &r);
 
     // Make the remembered merged size of this image too small, as a wrong estimate would be.
     let sizes: Vec<_> = std::fs::read_dir(server.cache.join("sizes"))
@@ -379,7 +393,8 @@ fn client_hang_ups_leave_no_task_socket_or_file_behind() {
     let cold = format!("{}/fixtures/leak-cold:v1", proxy.addr);
     let cold_bottom = layer_digests(&env.registry, "fixtures/leak-cold", "v1").remove(0);
     // Everything a conversion sets up once (client, blocking threads, cache dirs) exists from here on.
-    body_of(&server, &warm);
+    // Stored under a name of its own, so that `warm` is converted below, its sizes known.
+    body_of(&server, &format!("{warm}?tag=warm:up"));
     let mut baseline = held(&server, port);
     assert!(
         eventually(Duration::from_secs(5), || {

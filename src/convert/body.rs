@@ -6,7 +6,9 @@ use std::io::{self, Write};
 use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 
+use super::cached::TeeThread;
 use super::CHUNK;
+use crate::store::BlobWriter;
 
 /// `Write` into the body channel, in [`CHUNK`]-sized pieces. A closed channel (the client went away)
 /// is a `BrokenPipe`, which stops the merge and with it the upstream fetches.
@@ -19,6 +21,8 @@ pub(super) struct ChannelWriter {
     /// Bytes sent so far.
     sent: u64,
     tap: Option<Tap>,
+    /// Where every byte sent also goes (the store).
+    tee: Option<TeeThread>,
 }
 
 /// Chunks queued for a tap thread; it keeps pace with the body, so a few suffice.
@@ -57,7 +61,23 @@ impl ChannelWriter {
             buf: BytesMut::with_capacity(CHUNK),
             sent: 0,
             tap: None,
+            tee: None,
         }
+    }
+
+    /// Writes everything sent from now on into `writer` too.
+    pub(super) fn set_tee(&mut self, writer: Option<BlobWriter>) {
+        self.tee = writer.and_then(TeeThread::start);
+    }
+
+    /// The tee's writer with everything written so far, bytes not yet sent included: the caller
+    /// can publish them before the client receives the last of them. `None` if writing failed.
+    pub(super) fn take_tee(&mut self) -> Option<BlobWriter> {
+        let tee = self.tee.take()?;
+        if !self.buf.is_empty() && !tee.feed(Bytes::copy_from_slice(&self.buf)) {
+            return None;
+        }
+        tee.finish()
     }
 
     /// Stream offset of the next byte written.
@@ -114,6 +134,9 @@ impl ChannelWriter {
         self.sent += chunk.len() as u64;
         if let Some(tap) = &mut self.tap {
             tap.feed(&chunk, offset)?;
+        }
+        if self.tee.as_ref().is_some_and(|t| !t.feed(chunk.clone())) {
+            self.tee = None;
         }
         self.tx
             .blocking_send(Ok(chunk))

@@ -12,6 +12,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::io::{StreamReader, SyncIoBridge};
 
 use super::body::ChannelWriter;
+use super::cached::Tee;
 use super::error::{caused_by, layer_error_io};
 use super::{ByteStream, CHANNEL_DEPTH, READ_BUF};
 use crate::entry;
@@ -62,16 +63,21 @@ pub(super) struct Signing {
 impl Job {
     /// The body: the conversion starts when it is first polled, so a response that sends no body
     /// (HEAD, or a client gone before the first byte) fetches no layer.
-    pub(super) fn start(self) -> ByteStream {
-        let mut job = Some(self);
+    /// `tee`, when given, also writes the bytes into the store and publishes them there if the
+    /// conversion succeeds.
+    pub(super) fn start(self, tee: Option<Tee>) -> ByteStream {
+        let mut job = Some((self, tee));
         let mut running: Option<ByteStream> = None;
         Box::pin(futures::stream::poll_fn(move |cx| {
-            let body = running.get_or_insert_with(|| job.take().expect("started once").spawn());
+            let body = running.get_or_insert_with(|| {
+                let (job, tee) = job.take().expect("started once");
+                job.spawn(tee)
+            });
             body.as_mut().poll_next(cx)
         }))
     }
 
-    fn spawn(self) -> ByteStream {
+    fn spawn(self, tee: Option<Tee>) -> ByteStream {
         let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
         let handle = Handle::current();
         let format = match self.output {
@@ -83,7 +89,15 @@ impl Job {
         tokio::task::spawn_blocking(move || {
             let _enter = span.enter();
             let mut out = ChannelWriter::new(tx.clone());
-            let result = self.run(&mut out, &handle).and_then(|()| out.flush());
+            out.set_tee(tee.as_ref().and_then(Tee::writer));
+            let result = self.run(&mut out, &handle).and_then(|()| {
+                // Published before the last bytes leave: a client that has them all and asks again
+                // is served the stored copy.
+                if let Some(tee) = tee {
+                    tee.publish(out.take_tee(), out.position());
+                }
+                out.flush()
+            });
             if let Err(e) = result {
                 if caused_by::<SizeExceeded>(&e) {
                     let blobs: Vec<String> = self

@@ -6,11 +6,13 @@
 //! ends the stream with an error, which the server turns into an aborted connection.
 //!
 //! By job: `plan` (request → planned → prepared conversion), `prepass` (layer summaries and the
-//! merged size), `job` (the streaming merge on its thread), `body` (the channel writer), `error`
-//! (whose fault a failure is, and its status).
+//! merged size), `job` (the streaming merge on its thread), `body` (the channel writer), `cached`
+//! (tarballs kept in the store and served from it), `error` (whose fault a failure is, and its
+//! status).
 
 mod access;
 mod body;
+mod cached;
 mod error;
 mod job;
 mod plan;
@@ -38,6 +40,7 @@ use crate::source::Source;
 use crate::stats::{Alive, Conversions};
 use crate::summary::Store;
 
+pub use cached::{window, StoredTarball};
 use error::source_error;
 pub use error::Error;
 pub use stored::{StoredManifest, ViewRequest};
@@ -87,6 +90,8 @@ pub struct Planned {
     reference: Reference,
     credentials: Credentials,
     image: ResolvedImage,
+    /// What the bytes are stored under.
+    key: crate::store::ArtifactKey,
     alive: Alive,
 }
 
@@ -98,6 +103,8 @@ pub struct PlannedAci {
     plan: ManifestPlan,
     request: AciRequest,
     image: ResolvedImage,
+    /// What the bytes are stored under.
+    key: crate::store::ArtifactKey,
     alive: Alive,
 }
 

@@ -1,8 +1,10 @@
 //! Resolving a request into a planned conversion (the image, its name and validator, none of its
-//! layers read), then preparing it (sized, its body ready to start); signatures kept for ACIs.
+//! layers read), then preparing it (sized, its body ready to start, teed into the store when there
+//! is one); signatures kept for ACIs.
 
 use sha2::{Digest as _, Sha256};
 
+use super::cached;
 use super::job::{Job, Output, Signing};
 use super::{
     AciRequest, AciSignature, Converter, Error, Planned, PlannedAci, Prepared, PreparedAci,
@@ -54,6 +56,11 @@ impl Converter {
             "{id}\n{}",
             repo_tag.as_deref().unwrap_or("")
         )));
+        let key = cached::squash_key(
+            &image.manifest_digest,
+            repo_tag.as_deref(),
+            &reference.name(),
+        );
         Ok(Planned {
             etag,
             id,
@@ -61,6 +68,7 @@ impl Converter {
             reference,
             credentials,
             image,
+            key,
             alive,
         })
     }
@@ -75,6 +83,7 @@ impl Converter {
             reference,
             credentials,
             image,
+            key,
             alive,
         } = planned;
         let (layer_size, hints) = self.analyse(&image, &credentials, true, &alive).await?;
@@ -105,7 +114,7 @@ impl Converter {
         Ok(Prepared {
             content_length,
             etag,
-            body: job.start(),
+            body: job.start(self.tee(&key, Some(content_length))),
         })
     }
 
@@ -179,6 +188,7 @@ impl Converter {
             .resolve(&request.reference, &request.platform, &request.credentials)
             .await?;
         let (identity, etag) = self.aci_identity(&request, &image)?;
+        let key = cached::aci_key(&identity);
         let plan = ManifestPlan::new(&image.config, identity.clone())
             .map_err(|e| Error::InvalidImage(format!("{}: as an ACI: {e}", request.reference)))?;
         Ok(PlannedAci {
@@ -187,6 +197,7 @@ impl Converter {
             plan,
             request,
             image,
+            key,
             alive,
         })
     }
@@ -200,6 +211,7 @@ impl Converter {
             plan,
             request,
             image,
+            key,
             alive,
         } = planned;
         let (_, hints) = self
@@ -234,7 +246,7 @@ impl Converter {
         Ok(PreparedAci {
             etag,
             name,
-            body: job.start(),
+            body: job.start(self.tee(&key, None)),
         })
     }
 

@@ -5,6 +5,7 @@ pub mod discovery;
 mod distribution;
 mod hooks;
 pub mod routes;
+mod tarball;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -14,10 +15,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::StreamExt;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty, Full, StreamBody};
-use hyper::body::{Frame, Incoming};
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty, Full};
+use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -371,16 +371,25 @@ async fn serve_aci(
     let permit = slot(state)?;
     let planned = state.converter.plan_aci(request).await?;
     let file = format!("{}-{}.aci", file_name(&planned.name), file_name(&route.tag));
-    let headers = tar_headers(&planned.etag, &file);
-    // The ACI's length is not known ahead, so neither answer needs its layers.
+    let etag = planned.etag.clone();
+    let headers = || tar_headers(&etag, &file);
     if not_modified(req, &planned.etag) {
-        return Ok(not_modified_response(headers));
+        return Ok(not_modified_response(headers()));
     }
+    // A stored response holds no conversion slot: the permit is dropped with this function.
+    if let Some(stored) = state.converter.stored_aci(&planned).await {
+        let resp = tarball::stored(req, &state.converter, headers(), &etag, &stored);
+        if let Some(resp) = resp.await? {
+            return Ok(resp);
+        }
+    }
+    // A fresh ACI's length is not known ahead: HEAD answers without it, and a Range is answered
+    // whole (RFC 9110 allows it), since a 206 needs the total.
     if req.method() == Method::HEAD {
-        return Ok(headers.body(empty()).expect("valid response"));
+        return Ok(headers().body(empty()).expect("valid response"));
     }
     let prepared = state.converter.prepare_planned_aci(planned).await?;
-    Ok(streaming(headers, prepared.body, permit))
+    Ok(streaming(headers(), prepared.body, permit))
 }
 
 /// `.aci.asc`: the kept signature, or 202 while none exists. rkt asks for the signature first and, on
@@ -399,12 +408,8 @@ async fn signature(state: &Arc<State>, request: AciRequest) -> Result<Response<B
                 let in_flight = converter.signature_in_flight(&key);
                 tokio::spawn(async move {
                     let _held = (permit, in_flight);
-                    match converter.prepare_aci(request).await {
-                        Ok(prepared) => {
-                            let mut body = prepared.body;
-                            while let Some(Ok(_)) = body.next().await {}
-                        }
-                        Err(e) => tracing::warn!(error = %e, "signing in the background failed"),
+                    if let Err(e) = converter.sign_in_background(request).await {
+                        tracing::warn!(error = %e, "signing in the background failed");
                     }
                 });
             }
@@ -443,18 +448,35 @@ async fn squash(
             credentials,
         })
         .await?;
-    let headers = tar_headers(&planned.etag, &format!("{}.tar", file_name(&name)));
+    let file = format!("{}.tar", file_name(&name));
+    let etag = planned.etag.clone();
+    let headers = || tar_headers(&etag, &file);
     // Known from the manifest alone: no layer is read, not even to size them.
     if not_modified(req, &planned.etag) {
-        return Ok(not_modified_response(headers));
+        return Ok(not_modified_response(headers()));
     }
+    // A stored response holds no conversion slot: the permit is dropped with this function.
+    if let Some(stored) = state.converter.stored_squash(&planned).await {
+        let resp = tarball::stored(req, &state.converter, headers(), &etag, &stored);
+        if let Some(resp) = resp.await? {
+            return Ok(resp);
+        }
+    }
+    let headers = headers();
     // HEAD needs the length: remembered, or sized by a pre-pass; the conversion itself never starts.
     let prepared = state.converter.prepare_planned(planned).await?;
-    let headers = headers.header(header::CONTENT_LENGTH, prepared.content_length);
-    if req.method() == Method::HEAD {
-        return Ok(headers.body(empty()).expect("valid response"));
-    }
-    Ok(streaming(headers, prepared.body, permit))
+    let size = prepared.content_length;
+    // A range of bytes not stored yet is converted whole (and stored), and only the range is sent:
+    // what resumes a first download that was cut.
+    let ranged = tarball::requested(req, &etag, size);
+    Ok(tarball::respond(req, headers, size, ranged, |range| {
+        let body = if range == (0..size) {
+            prepared.body
+        } else {
+            crate::convert::window(prepared.body, range)
+        };
+        tarball::body_of(body, permit)
+    }))
 }
 
 /// One of the `--max-concurrent` conversion slots, or 503.
@@ -491,12 +513,8 @@ fn streaming(
     body: crate::convert::ByteStream,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) -> Response<Body> {
-    let body = body.map(move |chunk| {
-        let _held = &permit;
-        chunk.map(Frame::data)
-    });
     headers
-        .body(BodyExt::boxed_unsync(StreamBody::new(body)))
+        .body(tarball::body_of(body, permit))
         .expect("valid response")
 }
 

@@ -376,7 +376,8 @@ impl Server {
         Server::start_logging(registry, extra, "warn")
     }
 
-    /// Starts a server with `RUST_LOG` set to `filter`.
+    /// Starts a server with `RUST_LOG` set to `filter`, on a scratch cache directory of its own
+    /// (none if `extra` holds `--no-cache`).
     pub fn start_logging(registry: &str, extra: &[&str], filter: &str) -> Server {
         let cache = scratch(&format!("cache-{}", rand_suffix()));
         Server::start_with_cache(registry, &cache, extra, filter)
@@ -385,6 +386,8 @@ impl Server {
     /// Starts a server on an existing cache directory: a restart of an earlier one that used `cache`.
     pub fn start_with_cache(registry: &str, cache: &Path, extra: &[&str], filter: &str) -> Server {
         let cache = cache.to_path_buf();
+        // strata refuses `--cache-dir` beside `--no-cache`.
+        let cached = !extra.contains(&"--no-cache");
         let mut child = strata()
             .args([
                 "serve",
@@ -392,9 +395,9 @@ impl Server {
                 "127.0.0.1:0",
                 "--insecure-registry",
                 registry,
-                "--cache-dir",
             ])
-            .arg(&cache)
+            .args(cached.then_some("--cache-dir"))
+            .args(cached.then_some(&cache))
             .args(extra)
             .env("RUST_LOG", filter)
             .stderr(Stdio::piped())
