@@ -169,7 +169,7 @@ fn blob_redirects_to_another_host_carry_no_credentials() {
         body.len().to_string()
     );
 
-    let redirected = storage.requests("/blobs/");
+    let redirected = storage.settled_requests("/blobs/");
     assert!(
         redirected.len() >= 3,
         "config and two layers: {redirected:?}"

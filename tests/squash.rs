@@ -67,22 +67,7 @@ fn special_entries_match_docker_pull_and_load_everywhere() {
 /// podman, skopeo and containerd accept the archive too.
 fn other_loaders(env: &Env, file: &std::path::Path) {
     let podman = scratch("podman");
-    run(Command::new("podman")
-        .arg("--root")
-        .arg(podman.join("root"))
-        .arg("--runroot")
-        .arg(podman.join("run"))
-        .args([
-            "--storage-driver",
-            "vfs",
-            "--cgroup-manager",
-            "cgroupfs",
-            "--events-backend",
-            "none",
-            "load",
-            "-i",
-        ])
-        .arg(file));
+    run(common::pull::podman(&podman).args(["load", "-i"]).arg(file));
     let oci = scratch("skopeo-oci");
     run(Command::new("skopeo")
         .args(["copy", "--quiet"])

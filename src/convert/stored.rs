@@ -236,6 +236,9 @@ impl Converter {
         let (store, flavour, compression) =
             (store.clone(), request.flavour, self.config.wire_compression);
         blocking(move || {
+            // Served, so recent: without the lease's touch it would look old to LRU eviction,
+            // which reads it unleased, whatever flavour the clients take.
+            drop(store.lease(&digest)?);
             let bytes = store.read_small(&digest, crate::store::repo::MAX_MANIFEST_BYTES)?;
             let bytes = match flavour {
                 Flavour::Oci => bytes,

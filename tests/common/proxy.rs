@@ -123,6 +123,20 @@ impl Proxy {
             .cloned()
             .collect()
     }
+
+    /// [`Proxy::requests`] once none of them is still in progress (5 s at most): the client may have
+    /// every byte before the proxy has seen the registry close its side.
+    pub fn settled_requests(&self, fragment: &str) -> Vec<Request> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let requests = self.requests(fragment);
+            let settled = requests.iter().all(|r| r.outcome != Outcome::InProgress);
+            if settled || std::time::Instant::now() > deadline {
+                return requests;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
 }
 
 pub(super) fn read_head(stream: &mut TcpStream) -> io::Result<Vec<u8>> {

@@ -93,7 +93,11 @@ pub(super) async fn manifest(
             let digest = digest.clone();
             // An evicted blob makes the image incomplete: unknown here (by tag it converts again).
             move || match store.has_manifest(&repo, &digest)? && store.complete(&digest)? {
-                true => store.read_small(&digest, MAX_MANIFEST_BYTES).map(Some),
+                true => {
+                    // Served, so recent for LRU eviction (the read itself is unleased).
+                    drop(store.lease(&digest)?);
+                    store.read_small(&digest, MAX_MANIFEST_BYTES).map(Some)
+                }
                 false => Ok(None),
             }
         })
