@@ -1,10 +1,10 @@
 //! The content-addressed store of derived images: blobs by digest, manifests and tags per repository,
-//! derived-artifact keys, LRU eviction and online GC. A library for now; the `/v2/` registry view and
-//! the tarball routes will serve from it (issue 9), and replicas will share it on object storage
-//! (issue 10). All of it is synchronous: the conversion writes on a blocking thread, async callers use
-//! `spawn_blocking` (or `SyncIoBridge`).
+//! derived-artifact keys, LRU eviction and online GC, on a directory or on S3-compatible object
+//! storage (`--store s3://…`, what replicas share, issue 10). All of it is synchronous: the conversion
+//! writes on a blocking thread, async callers use `spawn_blocking` (or `SyncIoBridge`).
 //!
-//! - [`backend`]: the narrow trait of object operations; [`fs`] implements it on a directory.
+//! - [`backend`]: the narrow trait of object operations; [`fs`] implements it on a directory,
+//!   [`s3`] on a bucket.
 //! - [`blob`]: verifying writer, ranged reader, leases.
 //! - [`names`]: repository and tag names, checked against the distribution spec.
 //! - [`repo`]: manifest links, tags, listings.
@@ -18,17 +18,19 @@
 //!
 //! The guarantees, and how each maps onto an object store:
 //! - *Visible only complete and verified*: here a temp file in `tmp/`, fsynced, then `link(2)`; on S3
-//!   a multipart upload whose completion (the only step that makes the key exist) comes after the
-//!   digest check, with abandoned uploads removed by a bucket lifecycle rule (the `tmp/` cleaning).
+//!   one `PutObject`, or a multipart upload of a staging object completed after the digest check and
+//!   then copied to its key, with abandoned uploads removed by a bucket lifecycle rule (the `tmp/`
+//!   cleaning).
 //! - *One copy per digest, racing writers need no lock*: `link(2)` fails on an existing name; on S3
-//!   `PutObject`/`CompleteMultipartUpload` with `If-None-Match: *` (412 = already there = success).
+//!   `PutObject` with `If-None-Match: *`, or the staging object's copy completed with it (412 =
+//!   already there = success; see [`s3`] for why a copy).
 //! - *Tags replaced atomically*: `rename(2)`; a plain PUT on S3, which is atomic per object.
 //! - *Publish order blobs → manifest link → tag*: [`Store::put_manifest`] refuses a manifest whose
 //!   blobs are not stored, and [`Store::set_tag`] one that is not linked; per-object atomicity is all
 //!   either backend needs for that.
-//! - *Access time*: the modification time, set by [`backend::Backend::touch`]; on S3 a self-copy
-//!   with replaced metadata, or batched per process (that is why touching happens only when a lease
-//!   ends, not per read).
+//! - *Access time*: the modification time, set by [`backend::Backend::touch`]; on S3, where no
+//!   object's time can be set short of rewriting it, an empty marker object written beside it
+//!   (touching happens only when a lease ends, not per read).
 //! - *Leases and GC*: leases are per process; across replicas a blob being published is protected by
 //!   the grace period (it must exceed the longest publication) and GC runs on one leader holding a
 //!   lease object made by conditional create (issue 10), as distribution/distribution#3937 shows
@@ -42,10 +44,11 @@ pub mod gc;
 pub mod key;
 pub mod names;
 pub mod repo;
+pub mod s3;
 
 use std::io;
 use std::ops::Range;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::digest::{Digest, DigestError};
@@ -100,6 +103,32 @@ pub(crate) fn blob_key(digest: &Digest) -> String {
     format!("blobs/{}/{}", digest.algorithm().name(), digest.hex())
 }
 
+/// Where the store lives: `--store DIR` or `--store s3://bucket/prefix`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Location {
+    Dir(PathBuf),
+    S3(s3::S3Url),
+}
+
+impl Location {
+    /// An `s3://` URL names a bucket; anything else is a directory.
+    pub fn parse(text: &str) -> Result<Location, String> {
+        match s3::S3Url::parse(text) {
+            Some(url) => url.map(Location::S3),
+            None => Ok(Location::Dir(text.into())),
+        }
+    }
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Location::Dir(d) => write!(f, "{}", d.display()),
+            Location::S3(url) => write!(f, "{url}"),
+        }
+    }
+}
+
 /// The store: cheap to clone, shared by every request.
 #[derive(Clone)]
 pub struct Store {
@@ -112,6 +141,18 @@ impl Store {
     pub fn open_dir(root: &Path) -> Result<Store, StoreError> {
         let fs = fs::FsBackend::open(root).map_err(StoreError::io("tmp/"))?;
         Ok(Store::with_backend(Arc::new(fs)))
+    }
+
+    /// The store at `location`; a bucket must be reachable (and listable) now.
+    pub fn open(location: &Location) -> Result<Store, StoreError> {
+        match location {
+            Location::Dir(dir) => Store::open_dir(dir),
+            Location::S3(url) => {
+                let bucket = format!("bucket {}", url.bucket);
+                let backend = s3::S3Backend::open(url).map_err(StoreError::io(&bucket))?;
+                Ok(Store::with_backend(Arc::new(backend)))
+            }
+        }
     }
 
     pub fn with_backend(backend: Arc<dyn Backend>) -> Store {
