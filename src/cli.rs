@@ -208,10 +208,11 @@ pub struct SourceArgs {
 /// The registry view (`/v2/`): where converted images are stored, and how they are served.
 #[derive(Args, Debug)]
 pub struct ViewArgs {
-    /// Directory of the store of converted images (default: `store/` in the cache dir; none with
-    /// `--no-cache`, and then no registry view).
-    #[arg(long, value_name = "DIR")]
-    pub store: Option<PathBuf>,
+    /// Where converted images are stored: a directory, or `s3://BUCKET[/PREFIX]` (S3-compatible
+    /// object storage, configured by the usual `AWS_*` environment). Default: `store/` in the
+    /// cache dir; none with `--no-cache`, and then no registry view.
+    #[arg(long, value_name = "DIR|s3://BUCKET/PREFIX", value_parser = crate::store::Location::parse)]
+    pub store: Option<crate::store::Location>,
     /// Compression of the squashed layer blob the registry view serves: gzip, zstd or none.
     #[arg(long, default_value = "gzip", value_parser = WireCompression::parse)]
     pub layer_compression: WireCompression,
@@ -339,7 +340,7 @@ impl SourceArgs {
             registry_ca_certificates,
             service_credentials,
             signer: None,
-            store_dir: None,
+            store: None,
             wire_compression: WireCompression::default(),
             store_max_bytes: None,
             gc_grace: crate::convert::DEFAULT_GC_GRACE,

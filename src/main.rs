@@ -57,9 +57,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             settings.manifest_wait = std::time::Duration::from_secs(view.manifest_wait);
             let mut config = source.converter_config(false)?;
             config.signer = signing.signer()?;
-            config.store_dir = view
-                .store
-                .or_else(|| config.cache_dir.as_ref().map(|d| d.join("store")));
+            config.store = view.store.or_else(|| {
+                let dir = config.cache_dir.as_ref()?;
+                Some(strata::store::Location::Dir(dir.join("store")))
+            });
             config.wire_compression = view.layer_compression;
             config.store_max_bytes = (view.cache_max_bytes > 0).then_some(view.cache_max_bytes);
             config.gc_grace = std::time::Duration::from_secs(view.gc_grace);
@@ -69,7 +70,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .map(strata::server::HookToken::new)
                 .transpose()
                 .map_err(anyhow::Error::msg)?;
-            if settings.hook_token.is_some() && config.store_dir.is_none() {
+            if settings.hook_token.is_some() && config.store.is_none() {
                 anyhow::bail!("--hook-token converts into the store: give --store or a cache dir");
             }
             let converter = Arc::new(Converter::new(config)?);

@@ -152,7 +152,7 @@ pub struct ConverterConfig {
     /// Signs ACIs when set.
     pub signer: Option<Arc<Signer>>,
     /// The content-addressed store of converted images the registry view serves; `None`: no view.
-    pub store_dir: Option<PathBuf>,
+    pub store: Option<crate::store::Location>,
     /// How the registry view's layer blob is compressed.
     pub wire_compression: WireCompression,
     /// Bytes of blobs the store keeps at most (least recently used go first); `None`: unbounded.
@@ -176,7 +176,7 @@ impl Default for ConverterConfig {
             registry_ca_certificates: Vec::new(),
             service_credentials: registry::ServiceCredentials::default(),
             signer: None,
-            store_dir: None,
+            store: None,
             wire_compression: WireCompression::default(),
             store_max_bytes: None,
             gc_grace: DEFAULT_GC_GRACE,
@@ -232,10 +232,10 @@ impl Converter {
         };
         let store = Store::new(config.cache_dir.clone());
         let signatures = Signatures::new(config.cache_dir.clone());
-        let images = match &config.store_dir {
-            Some(dir) => Some(
-                crate::store::Store::open_dir(dir)
-                    .map_err(|e| Error::Internal(format!("store {}: {e}", dir.display())))?,
+        let images = match &config.store {
+            Some(location) => Some(
+                crate::store::Store::open(location)
+                    .map_err(|e| Error::Internal(format!("store {location}: {e}")))?,
             ),
             None => None,
         };
