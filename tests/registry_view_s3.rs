@@ -92,3 +92,41 @@ fn docker_pull_served_from_s3_and_a_second_server_on_the_bucket_serves_it_stored
         "source blobs read by the second server"
     );
 }
+
+#[test]
+fn serve_stops_at_start_up_when_the_bucket_cannot_be_reached() {
+    let base =
+        std::env::var("STRATA_TEST_S3").expect("STRATA_TEST_S3 is unset: run scripts/test.sh");
+    let closed = format!("http://127.0.0.1:{}", closed_port());
+    // A bucket the server does not have, and an endpoint nothing listens on.
+    for (store, endpoint) in [
+        ("s3://strata-no-such-bucket/x".to_string(), None),
+        (format!("{base}/x"), Some(closed.as_str())),
+    ] {
+        let mut cmd = strata();
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--store", &store]);
+        if let Some(e) = endpoint {
+            cmd.env("AWS_ENDPOINT_URL", e);
+        }
+        let started = std::time::Instant::now();
+        let out = cmd.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{store}: served: {stderr}");
+        assert!(
+            stderr.contains("strata: error:") && stderr.contains("bucket strata-"),
+            "{store}: {stderr}"
+        );
+        assert!(!stderr.contains("listening on"), "{stderr}");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{store}: {:?}",
+            started.elapsed()
+        );
+    }
+}
+
+/// A loopback port nothing listens on (bound, then released).
+fn closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
