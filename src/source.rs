@@ -48,8 +48,8 @@ impl Source {
         }
     }
 
-    /// A page of the repository's tags, and whether more follow. An OCI layout's tags are its
-    /// index's ref names.
+    /// A page of the repository's tags (or more: a registry may ignore `n` and `last`), and whether
+    /// more follow. An OCI layout's tags are its index's ref names.
     pub async fn tags(
         &self,
         reference: &Reference,
@@ -59,13 +59,8 @@ impl Source {
     ) -> Result<(Vec<String>, bool), SourceError> {
         match self {
             Source::Registry(c) => c.tags(reference, n, last, credentials).await,
-            Source::Layout(l) => {
-                let mut tags = l.tags().await?;
-                tags.retain(|t| last.is_none_or(|l| t.as_str() > l));
-                let more = n.is_some_and(|n| tags.len() > n);
-                tags.truncate(n.unwrap_or(usize::MAX));
-                Ok((tags, more))
-            }
+            // All of them: the caller pages (as it must for registries that ignore `n`/`last`).
+            Source::Layout(l) => Ok((l.tags().await?, false)),
         }
     }
 

@@ -327,9 +327,10 @@ fn sign_blob(mut reader: BlobReader, signer: &Arc<Signer>) -> io::Result<Vec<u8>
         .map_err(|_| io::Error::other("signing thread panicked"))?
 }
 
-/// A blob's bytes as a body, read on a blocking thread in [`STORED_CHUNK`]s. A read failure or a blob
+/// A stored blob's bytes as a body (tarball repeats and the registry view's blobs), read on a
+/// blocking thread in [`STORED_CHUNK`]s, leased until the end. A read failure or a blob
 /// shorter than its range ends the stream with an error, so the transfer is aborted, never short.
-fn stream_blob(mut reader: BlobReader, descriptor: Option<Lease>) -> ByteStream {
+pub fn stream_blob(mut reader: BlobReader, descriptor: Option<Lease>) -> ByteStream {
     let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(STORED_DEPTH);
     tokio::task::spawn_blocking(move || {
         let _leased = descriptor;
@@ -339,7 +340,7 @@ fn stream_blob(mut reader: BlobReader, descriptor: Option<Lease>) -> ByteStream 
             let chunk = match read_chunk(&mut reader, want) {
                 Ok(c) => c,
                 Err(e) => {
-                    tracing::error!(error = %e, "reading a stored tarball failed");
+                    tracing::error!(error = %e, "reading a stored blob failed");
                     let _ = tx.blocking_send(Err(e));
                     return;
                 }

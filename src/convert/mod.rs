@@ -40,7 +40,7 @@ use crate::source::Source;
 use crate::stats::{Alive, Conversions};
 use crate::summary::Store;
 
-pub use cached::{window, StoredTarball};
+pub use cached::{stream_blob, window, StoredTarball};
 use error::source_error;
 pub use error::Error;
 pub use stored::{StoredManifest, ViewRequest};

@@ -1,15 +1,13 @@
 //! Blobs from the store: only those a manifest of the repository names, after an upstream access
 //! check; `Range` (206, 416) so interrupted pulls resume.
 
-use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
-use tokio_stream::wrappers::ReceiverStream;
 
 use super::super::{empty, Body, State};
 use super::error::V2Error;
-use super::{blocking, check_access, name, store, Result, CHUNK};
+use super::{blocking, check_access, name, store, Result};
 use crate::digest::Digest;
 use crate::registry::Credentials;
 
@@ -115,40 +113,10 @@ pub(super) async fn blob(
     let body = if req.method() == Method::HEAD {
         empty()
     } else {
-        stream_reader(reader)
+        let chunks = crate::convert::stream_blob(reader, None);
+        BodyExt::boxed_unsync(StreamBody::new(futures::StreamExt::map(chunks, |c| {
+            c.map(Frame::data)
+        })))
     };
     Ok(builder.body(body).expect("valid response"))
-}
-
-/// A stored blob's bytes as a body, read on a blocking thread (the lease held until the end).
-fn stream_reader(mut reader: crate::store::BlobReader) -> Body {
-    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Frame<Bytes>>>(4);
-    tokio::task::spawn_blocking(move || {
-        use std::io::Read;
-        let mut left = reader.range.end - reader.range.start;
-        while left > 0 {
-            let mut buf = vec![0u8; CHUNK.min(left as usize)];
-            match reader.read(&mut buf) {
-                Ok(0) => {
-                    let _ = tx.blocking_send(Err(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        "stored blob shorter than its size",
-                    )));
-                    return;
-                }
-                Ok(n) => {
-                    buf.truncate(n);
-                    left -= n as u64;
-                    if tx.blocking_send(Ok(Frame::data(Bytes::from(buf)))).is_err() {
-                        return;
-                    }
-                }
-                Err(e) => {
-                    let _ = tx.blocking_send(Err(e));
-                    return;
-                }
-            }
-        }
-    });
-    BodyExt::boxed_unsync(StreamBody::new(ReceiverStream::new(rx)))
 }

@@ -28,8 +28,6 @@ use error::V2Error;
 pub const DEFAULT_MANIFEST_WAIT: Duration = Duration::from_secs(25);
 /// The repository prefix of squashed images.
 const SQUASH: &str = "squash/";
-/// Bytes per chunk of a blob response.
-const CHUNK: usize = 256 * 1024;
 /// Largest page of `_catalog` and `tags/list`.
 const MAX_PAGE: usize = 1000;
 /// What a client past the manifest wait is asked to wait before it asks again.
