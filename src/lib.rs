@@ -18,6 +18,7 @@
 //! - [`sign`]: OpenPGP detached signatures of ACIs, made while they stream, and kept.
 //! - [`convert`]: one conversion from request to byte stream, the sync/async boundary.
 //! - [`server`]: the HTTP front: routes, errors as JSON, streaming bodies.
+//! - [`metrics`]: what `GET /metrics` exports (requests, bytes, conversions, upstream, store).
 //! - [`stats`]: what is in flight (live conversions, runtime tasks), for `GET /debug/stats`.
 //! - [`store`]: the content-addressed store of derived images (blobs, manifests, tags, keys, GC).
 //! - [`version`]: the output version, part of every key of derived bytes and remembered state.
@@ -36,6 +37,7 @@ pub mod layer;
 pub mod limits;
 pub mod manifest;
 pub mod merge;
+pub mod metrics;
 pub mod oci_layout;
 pub mod reference;
 pub mod registry;

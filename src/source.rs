@@ -1,5 +1,6 @@
 //! Where images come from: a registry, or a local OCI image layout. Both hand out manifests as bytes
-//! and blobs as byte streams that check their own digest, size and liveness while they flow.
+//! and blobs as byte streams that check their own digest, size and liveness while they flow, counted
+//! into the metrics as they arrive (`metered`).
 
 use std::future::Future;
 use std::io;
@@ -12,9 +13,12 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt};
 
 use crate::digest::{Digest, Verifier};
+use crate::metrics::Metrics;
 use crate::oci_layout::OciLayout;
 use crate::reference::Reference;
 use crate::registry::{self, Credentials, RegistryError};
+
+mod metered;
 
 pub type SourceError = RegistryError;
 
@@ -29,23 +33,47 @@ pub struct RawManifest {
     pub digest: Digest,
 }
 
+/// Where the bytes come from, and the metrics that count what is read there.
 #[derive(Clone)]
-pub enum Source {
+pub struct Source {
+    origin: Origin,
+    metrics: Arc<Metrics>,
+}
+
+#[derive(Clone)]
+pub enum Origin {
     Registry(Arc<registry::Client>),
     Layout(Arc<OciLayout>),
 }
 
 impl Source {
+    pub fn new(origin: Origin, metrics: Arc<Metrics>) -> Source {
+        Source { origin, metrics }
+    }
+
+    /// An OCI image layout: every reference names one of its images, whatever its registry.
+    pub fn is_layout(&self) -> bool {
+        matches!(self.origin, Origin::Layout(_))
+    }
+
+    fn counted<T>(&self, result: Result<T, SourceError>) -> Result<T, SourceError> {
+        if let Err(e) = &result {
+            self.metrics.upstream_error(metered::error_kind(e));
+        }
+        result
+    }
+
     pub async fn manifest(
         &self,
         reference: &Reference,
         tag_or_digest: &str,
         credentials: &Credentials,
     ) -> Result<RawManifest, SourceError> {
-        match self {
-            Source::Registry(c) => c.manifest(reference, tag_or_digest, credentials).await,
-            Source::Layout(l) => l.manifest(reference, tag_or_digest).await,
-        }
+        let result = match &self.origin {
+            Origin::Registry(c) => c.manifest(reference, tag_or_digest, credentials).await,
+            Origin::Layout(l) => l.manifest(reference, tag_or_digest).await,
+        };
+        self.counted(result)
     }
 
     /// A page of the repository's tags (or more: a registry may ignore `n` and `last`), and whether
@@ -57,13 +85,16 @@ impl Source {
         last: Option<&str>,
         credentials: &Credentials,
     ) -> Result<(Vec<String>, bool), SourceError> {
-        match self {
-            Source::Registry(c) => c.tags(reference, n, last, credentials).await,
+        let result = match &self.origin {
+            Origin::Registry(c) => c.tags(reference, n, last, credentials).await,
             // All of them: the caller pages (as it must for registries that ignore `n`/`last`).
-            Source::Layout(l) => Ok((l.tags().await?, false)),
-        }
+            Origin::Layout(l) => l.tags().await.map(|t| (t, false)),
+        };
+        self.counted(result)
     }
 
+    /// The blob's bytes, counted into the metrics as they arrive (and a long transfer's progress
+    /// logged).
     pub async fn blob(
         &self,
         reference: &Reference,
@@ -71,10 +102,20 @@ impl Source {
         size: u64,
         credentials: &Credentials,
     ) -> Result<BlobStream, SourceError> {
-        match self {
-            Source::Registry(c) => c.blob(reference, digest, size, credentials).await,
-            Source::Layout(l) => l.blob(digest, size).await,
-        }
+        let result = match &self.origin {
+            Origin::Registry(c) => c.blob(reference, digest, size, credentials).await,
+            Origin::Layout(l) => l.blob(digest, size).await,
+        };
+        let stream = self.counted(result)?;
+        Ok(metered::metered(
+            stream,
+            metered::Transfer {
+                image: reference.to_string(),
+                digest: digest.clone(),
+                size,
+            },
+            self.metrics.clone(),
+        ))
     }
 }
 

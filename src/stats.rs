@@ -1,25 +1,40 @@
-//! What the service has in flight, for `GET /debug/stats`: conversions with any part still running
-//! (the request, its layer scans, its merge thread) and the runtime's live tasks. Reading them costs
-//! two atomic loads, so a monitor (or a test checking that a hang-up leaves nothing behind) may poll.
+//! What the service has in flight, for `GET /debug/stats` (and the `conversions_in_flight` gauge of
+//! `GET /metrics`): conversions with any part still running (the request, its layer scans, its merge
+//! thread) and the runtime's live tasks. Reading them costs two atomic loads, so a monitor (or a
+//! test checking that a hang-up leaves nothing behind) may poll.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-/// Counts conversions that are alive.
+use prometheus_client::metrics::gauge::Gauge;
+
+use crate::metrics::{ConversionTimer, Metrics};
+
+/// Counts conversions that are alive, in the `conversions_in_flight` gauge of its [`Metrics`].
 #[derive(Debug, Default)]
-pub struct Conversions(Arc<AtomicUsize>);
+pub struct Conversions {
+    metrics: Arc<Metrics>,
+    gauge: Gauge,
+}
 
 impl Conversions {
+    pub fn new(metrics: Arc<Metrics>) -> Conversions {
+        Conversions {
+            gauge: metrics.conversions_in_flight(),
+            metrics,
+        }
+    }
+
     /// Counts one more conversion until every clone of the returned guard is dropped.
     pub fn start(&self) -> Alive {
-        self.0.fetch_add(1, Ordering::Relaxed);
+        self.gauge.inc();
         Alive {
-            _count: Arc::new(Counted(self.0.clone())),
+            _count: Arc::new(Counted(self.gauge.clone())),
+            metrics: self.metrics.clone(),
         }
     }
 
     pub fn live(&self) -> usize {
-        self.0.load(Ordering::Relaxed)
+        self.gauge.get().max(0) as usize
     }
 }
 
@@ -28,14 +43,23 @@ impl Conversions {
 #[derive(Debug, Clone)]
 pub struct Alive {
     _count: Arc<Counted>,
+    metrics: Arc<Metrics>,
+}
+
+impl Alive {
+    /// Times the conversion's merge under `format` (see [`crate::metrics::FORMATS`]) until the
+    /// returned guard is dropped.
+    pub fn time(&self, format: &'static str) -> ConversionTimer {
+        self.metrics.time_conversion(format)
+    }
 }
 
 #[derive(Debug)]
-struct Counted(Arc<AtomicUsize>);
+struct Counted(Gauge);
 
 impl Drop for Counted {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.dec();
     }
 }
 

@@ -79,6 +79,7 @@ pub(super) struct Tee {
     /// `--cache-max-bytes`: enforced after each tarball is stored, as after each registry-view
     /// conversion.
     max_bytes: Option<u64>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Tee {
@@ -101,6 +102,7 @@ impl Tee {
             key,
             expected,
             max_bytes,
+            metrics,
         } = self;
         if expected.is_some_and(|e| e != written) {
             tracing::error!(written, ?expected, %key, "output length differs from the announced one; not stored");
@@ -134,11 +136,14 @@ impl Tee {
         // Apart, so the last bytes are not held back by it.
         if let Some(max) = max_bytes {
             std::thread::spawn(move || match store.evict(max) {
-                Ok(r) if !r.removed.is_empty() => tracing::info!(
-                    removed = r.removed.len(),
-                    bytes_left = r.bytes,
-                    "evicted least recently used blobs"
-                ),
+                Ok(r) if !r.removed.is_empty() => {
+                    metrics.store_evicted(r.removed.len());
+                    tracing::info!(
+                        removed = r.removed.len(),
+                        bytes_left = r.bytes,
+                        "evicted least recently used blobs"
+                    )
+                }
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "eviction failed"),
             });
@@ -215,6 +220,7 @@ impl Converter {
             key: key.clone(),
             expected,
             max_bytes: self.config.store_max_bytes,
+            metrics: self.metrics.clone(),
         })
     }
 
@@ -222,14 +228,16 @@ impl Converter {
         let store = self.images.clone()?;
         let key = key.clone();
         let shown = key.to_string();
-        match blocking(move || lookup(&store, &key)).await {
+        let found = match blocking(move || lookup(&store, &key)).await {
             Ok(found) => found,
             // The store is an optimisation here: a damaged record is converted again, not an error.
             Err(e) => {
                 tracing::warn!(error = %e, key = %shown, "stored tarball unreadable; converting");
                 None
             }
-        }
+        };
+        self.metrics.store_lookup("tarball", found.is_some());
+        found
     }
 
     /// The stored bytes of a planned squash, if converted before and still stored.
@@ -488,6 +496,7 @@ mod tests {
             key: key.clone(),
             expected: Some(expected),
             max_bytes: None,
+            metrics: Arc::default(),
         };
         let mut w = tee.writer().unwrap();
         w.write_all(bytes).unwrap();

@@ -88,6 +88,7 @@ impl Job {
         let span = tracing::info_span!("convert", format, image = %self.reference, manifest = %self.image.manifest_digest);
         tokio::task::spawn_blocking(move || {
             let _enter = span.enter();
+            let _timed = self._alive.time(format);
             let mut out = ChannelWriter::new(tx.clone());
             out.set_tee(tee.as_ref().and_then(Tee::writer));
             let result = self.run(&mut out, &handle).and_then(|()| {

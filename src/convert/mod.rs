@@ -32,11 +32,12 @@ use crate::format::aci::ManifestPlan;
 use crate::format::image::WireCompression;
 use crate::limits::Limits;
 use crate::manifest::{self, Platform, ResolvedImage};
+use crate::metrics::Metrics;
 use crate::oci_layout::OciLayout;
 use crate::reference::Reference;
 use crate::registry::{self, Credentials};
 use crate::sign::{Signatures, Signer};
-use crate::source::Source;
+use crate::source::{Origin, Source};
 use crate::stats::{Alive, Conversions};
 use crate::summary::Store;
 
@@ -208,16 +209,17 @@ pub struct Converter {
     images: Option<crate::store::Store>,
     flights: stored::Flights,
     access: access::AccessCache,
+    metrics: Arc<Metrics>,
 }
 
 impl Converter {
     pub fn new(config: ConverterConfig) -> Result<Self, Error> {
         let source = match &config.oci_layout {
-            Some(dir) => Source::Layout(Arc::new(
+            Some(dir) => Origin::Layout(Arc::new(
                 OciLayout::open(dir, config.limits.max_manifest_bytes)
                     .map_err(|e| Error::Internal(format!("OCI layout {}: {e}", dir.display())))?,
             )),
-            None => Source::Registry(Arc::new(
+            None => Origin::Registry(Arc::new(
                 registry::Client::new(registry::ClientConfig {
                     insecure: config.insecure_registries.clone(),
                     idle_timeout: config.upstream_idle_timeout,
@@ -230,6 +232,8 @@ impl Converter {
                 .map_err(|e| Error::Internal(e.to_string()))?,
             )),
         };
+        let metrics = Arc::new(Metrics::new());
+        let source = Source::new(source, metrics.clone());
         let store = Store::new(config.cache_dir.clone());
         let signatures = Signatures::new(config.cache_dir.clone());
         let images = match &config.store {
@@ -244,11 +248,17 @@ impl Converter {
             source,
             store,
             signatures,
-            conversions: Conversions::default(),
+            conversions: Conversions::new(metrics.clone()),
+            metrics,
             images,
             flights: stored::Flights::default(),
             access: access::AccessCache::default(),
         })
+    }
+
+    /// What this converter (and the server in front of it) counts, for `GET /metrics`.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// Conversions with any part still running.
@@ -264,7 +274,7 @@ impl Converter {
 
     /// A conversion service must not be a way to reach arbitrary hosts.
     pub fn check_allowed(&self, reference: &Reference) -> Result<(), Error> {
-        if matches!(self.source, Source::Layout(_)) {
+        if self.source.is_layout() {
             return Ok(());
         }
         let default = Reference::parse("x", &self.config.default_registry)

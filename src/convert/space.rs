@@ -21,11 +21,14 @@ impl Converter {
             return;
         };
         match tokio::task::spawn_blocking(move || store.evict(max)).await {
-            Ok(Ok(report)) if !report.removed.is_empty() => tracing::info!(
-                removed = report.removed.len(),
-                bytes_left = report.bytes,
-                "evicted least recently used blobs"
-            ),
+            Ok(Ok(report)) if !report.removed.is_empty() => {
+                self.metrics.store_evicted(report.removed.len());
+                tracing::info!(
+                    removed = report.removed.len(),
+                    bytes_left = report.bytes,
+                    "evicted least recently used blobs"
+                )
+            }
             Ok(Ok(_)) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "eviction failed"),
             Err(e) => tracing::warn!(error = %e, "eviction task failed"),
@@ -72,6 +75,7 @@ impl Converter {
         let grace = self.config.gc_grace;
         match tokio::task::spawn_blocking(move || store.gc(grace)).await {
             Ok(Ok(report)) => {
+                self.metrics.store_gc_deleted(report.removed.len());
                 tracing::info!(
                     removed = report.removed.len(),
                     spared = report.spared,

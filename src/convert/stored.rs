@@ -226,6 +226,7 @@ impl Converter {
             let (store, key) = (store.clone(), key.clone());
             blocking(move || stored_record(&store, &key)).await?
         };
+        self.metrics.store_lookup("view", found.is_some());
         let digest = match found {
             Some(d) => d,
             None => {
@@ -333,6 +334,7 @@ impl Converter {
         };
         let handle = Handle::current();
         let layer_store = store.clone();
+        let timed = job._alive.time("view");
         let (layer, diff_id) = joined(
             tokio::task::spawn_blocking(move || {
                 write_layer(&job, &layer_store, compression, &handle)
@@ -343,6 +345,7 @@ impl Converter {
             io::ErrorKind::InvalidData => Error::InvalidImage(e.to_string()),
             _ => Error::Upstream(e.to_string()),
         })?;
+        drop(timed);
         let layer_size = layer.size;
         let digest = blocking(move || {
             let config = store.put_blob(&squashed_config(&config, &diff_id, &source))?;

@@ -4,6 +4,7 @@
 pub mod discovery;
 mod distribution;
 mod hooks;
+mod observe;
 pub mod routes;
 mod tarball;
 
@@ -221,26 +222,27 @@ async fn handle(
     peer: SocketAddr,
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
-    let span =
-        tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), %peer);
-    let resp = respond(req, &state).instrument(span.clone()).await;
-    let status = resp.status().as_u16();
-    span.in_scope(|| {
-        if status >= 500 && status != 503 {
-            tracing::error!(
-                status,
-                elapsed_ms = started.elapsed().as_millis() as u64,
-                "request failed"
-            );
-        } else {
-            tracing::info!(
-                status,
-                elapsed_ms = started.elapsed().as_millis() as u64,
-                "response started"
-            );
-        }
-    });
-    Ok(resp)
+    let id = observe::request_id(req.headers());
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let span = tracing::info_span!("request", %id, %method, %path, %peer);
+    let mut seen = observe::Seen {
+        route: "not_found",
+        reference: None,
+    };
+    let resp = respond(req, &state, &mut seen)
+        .instrument(span.clone())
+        .await;
+    let finish = observe::Finish {
+        id,
+        method,
+        path,
+        peer,
+        seen,
+        status: resp.status().as_u16(),
+        started,
+        span,
+    };
+    Ok(observe::observed(resp, finish, state.converter.metrics()))
 }
 
 fn text(content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
@@ -254,8 +256,13 @@ fn text(content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
     resp
 }
 
-async fn respond(req: Request<Incoming>, state: &Arc<State>) -> Response<Body> {
+async fn respond(
+    req: Request<Incoming>,
+    state: &Arc<State>,
+    seen: &mut observe::Seen,
+) -> Response<Body> {
     if routes::is_discovery(req.uri().query()) && req.method() == Method::GET {
+        seen.route = "discovery";
         return discovery::page(&req, &state.settings);
     }
     let route = match routes::route(req.uri().path()) {
@@ -263,8 +270,13 @@ async fn respond(req: Request<Incoming>, state: &Arc<State>) -> Response<Body> {
         Err(RouteError::NotFound(p)) => {
             return json_error(404, "NOT_FOUND", &format!("no such route: {p}"))
         }
-        Err(RouteError::BadRequest(m)) => return json_error(400, "BAD_REQUEST", &m),
+        Err(RouteError::BadRequest(m)) => {
+            seen.route = "bad_request";
+            return json_error(400, "BAD_REQUEST", &m);
+        }
     };
+    seen.route = route.kind();
+    seen.reference = route.reference();
     if let Route::Distribution(path) = &route {
         return distribution::respond(&req, state, path).await;
     }
@@ -285,6 +297,8 @@ async fn respond(req: Request<Incoming>, state: &Arc<State>) -> Response<Body> {
                     .boxed_unsync(),
             )
         }
+        Route::Ready => return observe::ready(state).await,
+        Route::Metrics => return observe::metrics(state),
         Route::SigningKey => {
             return match state.converter.public_key() {
                 Some(key) => text("application/pgp-keys", key.to_string()),

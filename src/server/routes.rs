@@ -13,7 +13,12 @@ pub enum Route {
     Aci(AciRoute),
     /// The public key ACI signatures verify with.
     SigningKey,
+    /// Liveness: the process answers.
     Health,
+    /// Readiness: the store answers too.
+    Ready,
+    /// Prometheus' scrape.
+    Metrics,
     /// What is in flight: live conversions, runtime tasks.
     Stats,
     /// The registry view: `/v2/…`, routed further by `distribution`.
@@ -37,6 +42,34 @@ pub struct AciRoute {
     /// `aci.asc` (Quay also spells it `sig`), or a file name ending `.aci.asc`: the detached
     /// signature.
     pub signature: bool,
+}
+
+impl Route {
+    /// The route's kind: the `route` label of the request metrics and the request log, a fixed set
+    /// (never the path) so that the metrics stay a bounded size.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Route::Squash(_) => "squash",
+            Route::Aci(a) if a.signature => "aci_signature",
+            Route::Aci(_) => "aci",
+            Route::SigningKey => "signing_key",
+            Route::Health => "healthz",
+            Route::Ready => "readyz",
+            Route::Metrics => "metrics",
+            Route::Stats => "stats",
+            Route::Distribution(_) => "registry_view",
+            Route::Hook => "hook",
+        }
+    }
+
+    /// The image asked for, as the request wrote it, for the request log.
+    pub fn reference(&self) -> Option<String> {
+        match self {
+            Route::Squash(r) => Some(r.clone()),
+            Route::Aci(a) => Some(format!("{}:{}", a.repository, a.tag)),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -116,6 +149,12 @@ pub fn route(path: &str) -> Result<Route, RouteError> {
     }
     if path == "/healthz" {
         return Ok(Route::Health);
+    }
+    if path == "/readyz" {
+        return Ok(Route::Ready);
+    }
+    if path == "/metrics" {
+        return Ok(Route::Metrics);
     }
     if path == "/v2" || path.starts_with("/v2/") {
         return Ok(Route::Distribution(path.to_string()));
@@ -219,6 +258,9 @@ mod tests {
                 Ok(Route::Squash("ns/team/repo:1.0".into())),
             ),
             ("/healthz", Ok(Route::Health)),
+            ("/readyz", Ok(Route::Ready)),
+            ("/metrics", Ok(Route::Metrics)),
+            ("/metrics/x", Err(RouteError::NotFound("/metrics/x".into()))),
             ("/aci-signing-key", Ok(Route::SigningKey)),
             (
                 "/c1/aci/example.com/ns/app/1.0/aci/linux/amd64/",

@@ -41,4 +41,12 @@ pub trait Backend: Send + Sync + 'static {
     fn list(&self, prefix: &str) -> io::Result<Vec<String>>;
     /// Records an access: sets [`Meta::modified`] to now. Missing objects are not an error.
     fn touch(&self, key: &str) -> io::Result<()>;
+    /// Whether the backend answers now (`GET /readyz`): one cheap request, failing within
+    /// [`READY_TIMEOUT`] when it does not. A stat of a missing key would not do: it answers "absent"
+    /// for a deleted directory or bucket too.
+    fn ready(&self) -> io::Result<()>;
 }
+
+/// How long [`Backend::ready`] waits: a probe that hangs is a failed probe, and a load balancer
+/// probes every few seconds.
+pub const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);

@@ -177,6 +177,16 @@ impl Backend for FsBackend {
         Ok(keys)
     }
 
+    /// The root and its upload directory are there: what every write needs (as root, permissions
+    /// are not what fails).
+    fn ready(&self) -> io::Result<()> {
+        fs::read_dir(&self.root)?;
+        if !fs::metadata(self.root.join(TMP_DIR))?.is_dir() {
+            return Err(io::Error::other(format!("{TMP_DIR} is not a directory")));
+        }
+        Ok(())
+    }
+
     fn touch(&self, key: &str) -> io::Result<()> {
         match not_found_as_none(File::options().write(true).open(self.path(key)))? {
             Some(file) => file.set_modified(SystemTime::now()),

@@ -162,6 +162,11 @@ impl Store {
         }
     }
 
+    /// Whether the store answers now (`GET /readyz`), within [`backend::READY_TIMEOUT`].
+    pub fn ready(&self) -> io::Result<()> {
+        self.backend.ready()
+    }
+
     /// A writer for a blob whose digest is known (a registry blob: digest and size, or
     /// [`crate::digest::SIZE_UNKNOWN`], verified at the end) or not (`None`: a conversion's output,
     /// sha256 of what is written).

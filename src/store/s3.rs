@@ -51,7 +51,7 @@ use object_store::{
 };
 use tokio::task::JoinHandle;
 
-use super::backend::{Backend, Meta, Upload};
+use super::backend::{Backend, Meta, Upload, READY_TIMEOUT};
 use super::fs::STALE_UPLOAD_AGE;
 
 /// Bytes of one multipart part, and the most a single `PutObject` carries. S3 wants at least
@@ -359,6 +359,21 @@ impl Backend for S3Backend {
             });
             keys.sort();
             Ok(keys)
+        })
+    }
+
+    /// One listing of the prefix's top level (a missing bucket fails it; a missing key would not).
+    fn ready(&self) -> io::Result<()> {
+        let store = self.inner.store.clone();
+        let prefix = self.inner.prefix.trim_end_matches('/');
+        let dir = (!prefix.is_empty()).then(|| Path::from(prefix));
+        self.inner.run(async move {
+            let listing = store.list_with_delimiter(dir.as_ref());
+            let listed = tokio::time::timeout(READY_TIMEOUT, listing);
+            match listed.await {
+                Ok(r) => r.map(drop).map_err(io_err),
+                Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "no answer in time")),
+            }
         })
     }
 
