@@ -24,8 +24,17 @@ use crate::server::{
     about = "Container images converted on the fly: registry layers squashed into one"
 )]
 pub struct Cli {
+    /// Log lines as text (coloured only on a terminal) or as JSON objects, one a line.
+    #[arg(long, global = true, value_enum, env = "STRATA_LOG_FORMAT", default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -33,25 +42,25 @@ pub enum Command {
     /// Serve conversions over HTTP.
     Serve {
         /// Address to listen on.
-        #[arg(long, default_value = "127.0.0.1:8080")]
+        #[arg(long, env = "STRATA_LISTEN", default_value = "127.0.0.1:8080")]
         listen: String,
         /// Conversions served at once; more get 503 with Retry-After.
-        #[arg(long, default_value_t = DEFAULT_MAX_CONCURRENT)]
+        #[arg(long, env = "STRATA_MAX_CONCURRENT", default_value_t = DEFAULT_MAX_CONCURRENT)]
         max_concurrent: usize,
         /// Seconds in-flight conversions may run after SIGTERM/SIGINT.
-        #[arg(long, default_value_t = 30)]
+        #[arg(long, env = "STRATA_SHUTDOWN_GRACE", default_value_t = 30)]
         shutdown_grace: u64,
         /// Seconds a client may take to send a request's headers (slow clients hold a connection).
-        #[arg(long, default_value_t = DEFAULT_HEADER_READ_TIMEOUT.as_secs())]
+        #[arg(long, env = "STRATA_HEADER_READ_TIMEOUT", default_value_t = DEFAULT_HEADER_READ_TIMEOUT.as_secs())]
         header_read_timeout: u64,
         /// Client connections held at once; more are answered 503 and closed.
-        #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS)]
+        #[arg(long, env = "STRATA_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS)]
         max_connections: usize,
         /// Name prefix of the ACIs served (a host name, no port), answered by appc discovery.
-        #[arg(long)]
+        #[arg(long, env = "STRATA_PUBLIC_NAME")]
         public_name: Option<String>,
         /// Base URL the discovery templates point to (default: the one discovery was asked on).
-        #[arg(long, requires = "public_name")]
+        #[arg(long, env = "STRATA_PUBLIC_URL", requires = "public_name")]
         public_url: Option<String>,
         #[command(flatten)]
         signing: SigningArgs,
@@ -76,6 +85,9 @@ pub enum Command {
         /// Read `user:password` for the registry from the STRATA_AUTH environment variable.
         #[arg(long)]
         credentials_from_env: bool,
+        /// No progress bar (there is none either when standard error is not a terminal).
+        #[arg(short, long, env = "STRATA_QUIET")]
+        quiet: bool,
         #[command(flatten)]
         source: SourceArgs,
     },
@@ -98,6 +110,9 @@ pub enum Command {
         /// Read `user:password` for the registry from the STRATA_AUTH environment variable.
         #[arg(long)]
         credentials_from_env: bool,
+        /// No progress bar (there is none either when standard error is not a terminal).
+        #[arg(short, long, env = "STRATA_QUIET")]
+        quiet: bool,
         #[command(flatten)]
         signing: SigningArgs,
         #[command(flatten)]
@@ -153,55 +168,60 @@ pub fn public_name(name: &str) -> anyhow::Result<String> {
 #[derive(Args, Debug)]
 pub struct SourceArgs {
     /// Registry of references that name none.
-    #[arg(long, default_value = DOCKER_HUB)]
+    #[arg(long, env = "STRATA_DEFAULT_REGISTRY", default_value = DOCKER_HUB)]
     pub default_registry: String,
     /// Registry reached over plain HTTP (and allowed); repeatable.
-    #[arg(long)]
+    #[arg(long, env = "STRATA_INSECURE_REGISTRY", value_delimiter = ',')]
     pub insecure_registry: Vec<String>,
     /// Another registry requests may name; repeatable.
-    #[arg(long)]
+    #[arg(long, env = "STRATA_ALLOW_REGISTRY", value_delimiter = ',')]
     pub allow_registry: Vec<String>,
     /// Where layer summaries and merged sizes are remembered.
     #[arg(long, env = "STRATA_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
     /// Remember nothing between conversions.
-    #[arg(long, conflicts_with = "cache_dir")]
+    #[arg(long, env = "STRATA_NO_CACHE", conflicts_with = "cache_dir")]
     pub no_cache: bool,
     /// Serve the images of this OCI image layout instead of registries.
-    #[arg(long)]
+    #[arg(long, env = "STRATA_OCI_LAYOUT")]
     pub oci_layout: Option<PathBuf>,
     /// Tar entries one image may hold, all layers together.
-    #[arg(long, default_value_t = limits::DEFAULT_MAX_ENTRIES)]
+    #[arg(long, env = "STRATA_MAX_ENTRIES", default_value_t = limits::DEFAULT_MAX_ENTRIES)]
     pub max_entries: u64,
     /// Bytes of one path or link target.
-    #[arg(long, default_value_t = limits::DEFAULT_MAX_PATH_BYTES)]
+    #[arg(long, env = "STRATA_MAX_PATH_BYTES", default_value_t = limits::DEFAULT_MAX_PATH_BYTES)]
     pub max_path_bytes: u64,
     /// Bytes of one PAX extended header or GNU long-name member.
-    #[arg(long, default_value_t = limits::DEFAULT_MAX_PAX_BYTES)]
+    #[arg(long, env = "STRATA_MAX_PAX_BYTES", default_value_t = limits::DEFAULT_MAX_PAX_BYTES)]
     pub max_pax_bytes: u64,
     /// Uncompressed bytes of one image, all layers together.
-    #[arg(long, default_value_t = limits::DEFAULT_MAX_IMAGE_BYTES)]
+    #[arg(long, env = "STRATA_MAX_IMAGE_BYTES", default_value_t = limits::DEFAULT_MAX_IMAGE_BYTES)]
     pub max_image_bytes: u64,
     /// Bytes of one manifest or index.
-    #[arg(long, default_value_t = limits::DEFAULT_MAX_MANIFEST_BYTES)]
+    #[arg(long, env = "STRATA_MAX_MANIFEST_BYTES", default_value_t = limits::DEFAULT_MAX_MANIFEST_BYTES)]
     pub max_manifest_bytes: u64,
     /// Bytes of one image config.
-    #[arg(long, default_value_t = limits::DEFAULT_MAX_CONFIG_BYTES)]
+    #[arg(long, env = "STRATA_MAX_CONFIG_BYTES", default_value_t = limits::DEFAULT_MAX_CONFIG_BYTES)]
     pub max_config_bytes: u64,
     /// Layers of one image.
-    #[arg(long, default_value_t = limits::DEFAULT_MAX_LAYERS)]
+    #[arg(long, env = "STRATA_MAX_LAYERS", default_value_t = limits::DEFAULT_MAX_LAYERS)]
     pub max_layers: u64,
     /// Seconds a registry may send nothing in the middle of a blob before the transfer fails.
-    #[arg(long, default_value_t = DEFAULT_IDLE_TIMEOUT.as_secs())]
+    #[arg(long, env = "STRATA_UPSTREAM_IDLE_TIMEOUT", default_value_t = DEFAULT_IDLE_TIMEOUT.as_secs())]
     pub upstream_idle_timeout: u64,
     /// Seconds a registry may take to answer a request with its status and headers.
-    #[arg(long, default_value_t = DEFAULT_RESPONSE_TIMEOUT.as_secs())]
+    #[arg(long, env = "STRATA_UPSTREAM_RESPONSE_TIMEOUT", default_value_t = DEFAULT_RESPONSE_TIMEOUT.as_secs())]
     pub upstream_response_timeout: u64,
     /// PEM file of CA certificates trusted for registries, besides the system store; repeatable.
-    #[arg(long, value_name = "FILE")]
+    #[arg(
+        long,
+        env = "STRATA_REGISTRY_CA",
+        value_delimiter = ',',
+        value_name = "FILE"
+    )]
     pub registry_ca: Vec<PathBuf>,
     /// Docker config.json (`auths`) whose credentials serve callers who send none.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, env = "STRATA_REGISTRY_AUTH_FILE", value_name = "FILE")]
     pub registry_auth_file: Option<PathBuf>,
 }
 
@@ -211,30 +231,30 @@ pub struct ViewArgs {
     /// Where converted images are stored: a directory, or `s3://BUCKET[/PREFIX]` (S3-compatible
     /// object storage, configured by the usual `AWS_*` environment). Default: `store/` in the
     /// cache dir; none with `--no-cache`, and then no registry view.
-    #[arg(long, value_name = "DIR|s3://BUCKET/PREFIX", value_parser = crate::store::Location::parse)]
+    #[arg(long, env = "STRATA_STORE", value_name = "DIR|s3://BUCKET/PREFIX", value_parser = crate::store::Location::parse)]
     pub store: Option<crate::store::Location>,
     /// Compression of the squashed layer blob the registry view serves: gzip, zstd or none.
-    #[arg(long, default_value = "gzip", value_parser = WireCompression::parse)]
+    #[arg(long, env = "STRATA_LAYER_COMPRESSION", default_value = "gzip", value_parser = WireCompression::parse)]
     pub layer_compression: WireCompression,
     /// `NAME=HOST[:PORT]`: repository paths under `squash/NAME/` name that registry (a port cannot
     /// be written in a repository path); repeatable.
-    #[arg(long, value_name = "NAME=HOST[:PORT]", value_parser = parse_alias)]
+    #[arg(long, env = "STRATA_REGISTRY_ALIAS", value_delimiter = ',', value_name = "NAME=HOST[:PORT]", value_parser = parse_alias)]
     pub registry_alias: Vec<(String, String)>,
     /// Seconds a manifest request waits for a conversion before it is answered "retry later" (the
     /// conversion goes on).
-    #[arg(long, default_value_t = DEFAULT_MANIFEST_WAIT.as_secs())]
+    #[arg(long, env = "STRATA_MANIFEST_WAIT", default_value_t = DEFAULT_MANIFEST_WAIT.as_secs())]
     pub manifest_wait: u64,
     /// Bytes the store keeps at most; least recently used blobs are evicted past it (0: no bound).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, env = "STRATA_CACHE_MAX_BYTES", default_value_t = 0)]
     pub cache_max_bytes: u64,
     /// Accept `DELETE /v2/squash/<name>/manifests/<digest>` (202), removing a converted image.
-    #[arg(long)]
+    #[arg(long, env = "STRATA_ENABLE_DELETE")]
     pub enable_delete: bool,
     /// Seconds an unreferenced blob is kept before GC may remove it.
-    #[arg(long, default_value_t = crate::convert::DEFAULT_GC_GRACE.as_secs())]
+    #[arg(long, env = "STRATA_GC_GRACE", default_value_t = crate::convert::DEFAULT_GC_GRACE.as_secs())]
     pub gc_grace: u64,
     /// Seconds between GC passes over the store (0: only after deletes).
-    #[arg(long, default_value_t = 3600)]
+    #[arg(long, env = "STRATA_GC_INTERVAL", default_value_t = 3600)]
     pub gc_interval: u64,
     /// Secret that turns on `POST /hooks/registry` (convert on push): notifications carry it as
     /// `Authorization: Bearer TOKEN`. The environment keeps it out of `ps`.

@@ -23,6 +23,7 @@
 //! - [`store`]: the content-addressed store of derived images (blobs, manifests, tags, keys, GC).
 //! - [`version`]: the output version, part of every key of derived bytes and remembered state.
 //! - [`cli`]: command-line flags turned into a validated configuration.
+//! - [`progress`]: the one-shot commands' progress bar on a terminal.
 //! - [`sample`]: a generated sample image as an OCI layout, to try strata offline.
 //! - `fuzzing` (hidden): the fuzz targets' bodies, shared with their regression test.
 
@@ -39,6 +40,7 @@ pub mod manifest;
 pub mod merge;
 pub mod metrics;
 pub mod oci_layout;
+pub mod progress;
 pub mod reference;
 pub mod registry;
 pub mod sample;

@@ -7,22 +7,33 @@ use clap::Parser;
 use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
 
-use strata::cli::{self, Cli, Command};
+use strata::cli::{self, Cli, Command, LogFormat};
 use strata::convert::{AciRequest, AciSignature, Converter, SquashRequest};
+use strata::progress::Progress;
 use strata::registry::Credentials;
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
+    let logs = strata::progress::Stderr::default();
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let log = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(logs.clone());
+    match cli.log_format {
         // A log file or a pipe gets plain text, not escape codes.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        LogFormat::Text => log.with_ansi(stderr_is_terminal()).init(),
+        // The event's fields at the top level beside `message`, and every span it is in (the
+        // request's id, the conversion's image) in `spans`.
+        LogFormat::Json => log
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(true)
+            .init(),
+    }
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime starts");
-    match runtime.block_on(run(cli)) {
+    match runtime.block_on(run(cli, logs)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("strata: error: {e:#}");
@@ -31,7 +42,11 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+fn stderr_is_terminal() -> bool {
+    std::io::IsTerminal::is_terminal(&std::io::stderr())
+}
+
+async fn run(cli: Cli, logs: strata::progress::Stderr) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve {
             listen,
@@ -91,6 +106,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             platform,
             tag,
             credentials_from_env,
+            quiet,
             source,
         } => {
             let converter = Converter::new(source.converter_config(!credentials_from_env)?)?;
@@ -105,11 +121,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 tag,
                 credentials,
             };
-            let prepared = converter
-                .prepare(request)
-                .await
-                .map_err(|e| anyhow::anyhow!("{}: {e}", e.code()))?;
-            write_output(&output, prepared.body, Some(prepared.content_length)).await
+            let failed = |e: strata::convert::Error| anyhow::anyhow!("{}: {e}", e.code());
+            let planned = converter.plan(request).await.map_err(failed)?;
+            let shown = !quiet && stderr_is_terminal();
+            let progress = Progress::new(
+                converter.metrics().clone(),
+                planned.layer_bytes(),
+                shown,
+                &logs,
+            );
+            progress.phase("sizing");
+            let prepared = converter.prepare_planned(planned).await.map_err(failed)?;
+            progress.phase("converting");
+            write_output(&output, prepared.body, Some(prepared.content_length)).await?;
+            progress.finish();
+            Ok(())
         }
         Command::Aci {
             reference,
@@ -118,6 +144,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             platform,
             signature,
             credentials_from_env,
+            quiet,
             signing,
             source,
         } => {
@@ -137,11 +164,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 platform: cli::platform(&platform)?,
                 credentials,
             };
+            let failed = |e: strata::convert::Error| anyhow::anyhow!("{}: {e}", e.code());
+            let planned = converter.plan_aci(request.clone()).await.map_err(failed)?;
+            let shown = !quiet && stderr_is_terminal();
+            let progress = Progress::new(
+                converter.metrics().clone(),
+                planned.layer_bytes(),
+                shown,
+                &logs,
+            );
+            progress.phase("scanning");
             let prepared = converter
-                .prepare_aci(request.clone())
+                .prepare_planned_aci(planned)
                 .await
-                .map_err(|e| anyhow::anyhow!("{}: {e}", e.code()))?;
+                .map_err(failed)?;
+            progress.phase("converting");
             write_output(&output, prepared.body, None).await?;
+            progress.finish();
             if let Some(path) = signature {
                 match converter.aci_signature(&request).await {
                     Ok(Some(AciSignature::Ready(sig))) => tokio::fs::write(&path, sig)

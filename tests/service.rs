@@ -183,7 +183,7 @@ fn logs_to_a_pipe_carry_no_colour_codes() {
     assert_eq!(status, 200);
     std::thread::sleep(Duration::from_millis(300));
     let log = server.log.lock().unwrap().clone();
-    assert!(log.contains("response started"), "{log}");
+    assert!(log.contains("request finished"), "{log}");
     assert!(
         !log.contains('\x1b'),
         "escape codes in a piped log: {log:?}"

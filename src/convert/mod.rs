@@ -96,6 +96,13 @@ pub struct Planned {
     alive: Alive,
 }
 
+impl Planned {
+    /// Compressed bytes of the image's layers: what one pass over them reads upstream.
+    pub fn layer_bytes(&self) -> u64 {
+        self.image.layers.iter().map(|l| l.size).sum()
+    }
+}
+
 /// An ACI resolved, named and its manifest planned, none of its layers read.
 pub struct PlannedAci {
     /// Strong validator, and the key its signature is kept under.
@@ -107,6 +114,13 @@ pub struct PlannedAci {
     /// What the bytes are stored under.
     key: crate::store::ArtifactKey,
     alive: Alive,
+}
+
+impl PlannedAci {
+    /// Compressed bytes of the image's layers: what one pass over them reads upstream.
+    pub fn layer_bytes(&self) -> u64 {
+        self.image.layers.iter().map(|l| l.size).sum()
+    }
 }
 
 /// An ACI whose bytes have not started; its length is not known ahead.

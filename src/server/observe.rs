@@ -68,10 +68,15 @@ pub fn observed(mut resp: Response<Body>, finish: Finish, metrics: &Metrics) -> 
         resp.headers_mut().insert(REQUEST_ID, v);
     }
     let bytes = metrics.response_bytes_counter(finish.seen.route);
+    let length = resp
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse().ok());
     resp.map(|inner| {
         Observed {
             inner,
             sent: 0,
+            length,
             bytes,
             ended: None,
             finish: Some(finish),
@@ -83,6 +88,8 @@ pub fn observed(mut resp: Response<Body>, finish: Finish, metrics: &Metrics) -> 
 struct Observed {
     inner: Body,
     sent: u64,
+    /// `Content-Length`: hyper stops polling a body once that much is sent, before its end.
+    length: Option<u64>,
     bytes: Counter,
     /// `Some(true)`: read to its end; `Some(false)`: failed.
     ended: Option<bool>,
@@ -127,10 +134,13 @@ impl http_body::Body for Observed {
 impl Drop for Observed {
     fn drop(&mut self) {
         let Some(f) = self.finish.take() else { return };
-        // A HEAD response's body is never sent; an empty one may never be polled.
-        let ended = self
-            .ended
-            .unwrap_or(f.method == Method::HEAD || self.inner.is_end_stream());
+        // A HEAD response's body is never sent; an empty one may never be polled; one of a known
+        // length is not polled past it.
+        let ended = self.ended.unwrap_or(
+            f.method == Method::HEAD
+                || self.inner.is_end_stream()
+                || self.length == Some(self.sent),
+        );
         let outcome = match self.ended {
             Some(false) => "aborted",
             _ if ended => "complete",
