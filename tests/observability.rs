@@ -385,3 +385,61 @@ fn the_cli_draws_a_progress_bar_only_on_a_terminal() {
     assert!(!quiet.contains("ETA"), "{quiet:?}");
     assert!(quiet.contains("prepared"), "{quiet:?}");
 }
+
+/// A layer read for longer than the progress interval (here: a slow reader of the output holds the
+/// merge back, through a pipe's few KiB rather than a socket's MiB) logs its progress while it goes,
+/// and its end.
+#[test]
+fn a_long_layer_transfer_logs_its_progress() {
+    use std::io::Read;
+    let env = env();
+    let image = big_image(&env);
+    let dir = scratch(&format!("slow-{}", rand_suffix()));
+    let args = squash_command(&env, &image, std::path::Path::new("-"));
+    let mut child = Command::new(&args[0])
+        .args(&args[1..])
+        .args(["--log-format", "json"])
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(dir.join("log")).unwrap())
+        .spawn()
+        .unwrap();
+    // 64 KiB every 40 ms, 1.6 MiB/s: 16 MiB take about 10 s, the layer's read a few MiB less.
+    let mut stdout = child.stdout.take().unwrap();
+    let mut buf = vec![0u8; 64 << 10];
+    let mut read = 0u64;
+    loop {
+        let n = stdout.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        read += n as u64;
+        std::thread::sleep(Duration::from_millis(40));
+    }
+    assert!(child.wait().unwrap().success());
+    assert!(read > 16 << 20, "{read}");
+    let log = std::fs::read_to_string(dir.join("log")).unwrap();
+    let digest = &manifest(&env.registry, "fixtures/progress", "v1")["layers"][0]["digest"];
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
+        .filter(|l: &serde_json::Value| l["digest"] == *digest)
+        .collect();
+    let progress: Vec<_> = lines
+        .iter()
+        .filter(|l| l["message"] == "layer progress")
+        .collect();
+    assert!(!progress.is_empty(), "no progress line: {log}");
+    let first = progress[0];
+    assert_eq!(first["image"], image);
+    assert!(first["bytes"].as_u64().unwrap() > 0, "{first}");
+    assert!(
+        first["bytes"].as_u64().unwrap() < first["size"].as_u64().unwrap(),
+        "{first}"
+    );
+    assert!(first["mib_per_s"].as_f64().unwrap() > 0.0, "{first}");
+    let end = lines
+        .iter()
+        .find(|l| l["message"] == "layer read")
+        .unwrap_or_else(|| panic!("no end line: {log}"));
+    assert_eq!(end["bytes"], end["size"], "{end}");
+}
