@@ -23,6 +23,7 @@
 //! - [`version`]: the output version, part of every key of derived bytes and remembered state.
 //! - [`cli`]: command-line flags turned into a validated configuration.
 //! - [`sample`]: a generated sample image as an OCI layout, to try strata offline.
+//! - [`healthcheck`]: `strata healthcheck`, the container image's HEALTHCHECK without curl.
 //! - `fuzzing` (hidden): the fuzz targets' bodies, shared with their regression test.
 
 pub mod cli;
@@ -32,6 +33,7 @@ pub mod entry;
 pub mod format;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod healthcheck;
 pub mod layer;
 pub mod limits;
 pub mod manifest;
