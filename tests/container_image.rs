@@ -148,8 +148,9 @@ fn runtime_image_builds_offline_runs_unprivileged_and_serves_a_squash() {
     let bin = format!("strata-test/runtime-bin:{id}");
     let image = format!("strata-test/runtime:{id}");
     let container = format!("strata-test-runtime-{id}");
+    let as_shipped = format!("strata-test-runtime-default-{id}");
     let _cleanup = Cleanup {
-        containers: vec![container.clone()],
+        containers: vec![container.clone(), as_shipped.clone()],
         images: vec![image.clone(), bin.clone(), base.clone()],
     };
 
@@ -187,6 +188,15 @@ fn runtime_image_builds_offline_runs_unprivileged_and_serves_a_squash() {
         r#"{"8080/tcp":{}}"#
     );
 
+    // As shipped, no argument: CMD listens on 0.0.0.0:8080 and the HEALTHCHECK's default URL finds
+    // it. A network of its own (only loopback, `none`), so port 8080 of the host is not involved.
+    run(docker()
+        .args(["run", "-d", "--name", &as_shipped, "--network", "none"])
+        .args(["--health-interval", "1s", "--health-start-period", "0s"])
+        .arg(&image));
+    wait_healthy(&as_shipped, Duration::from_secs(60));
+    run(docker().args(["rm", "-f", "-v", &as_shipped]));
+
     // The host's network: this daemon runs with --bridge=none, so a container has no network of
     // its own to publish a port from; on the host's it reaches the test registry on loopback. The
     // port is a free one rather than the image's 8080, so the healthcheck is told the same URL.
@@ -194,6 +204,9 @@ fn runtime_image_builds_offline_runs_unprivileged_and_serves_a_squash() {
     let listen = format!("127.0.0.1:{port}");
     run(docker()
         .args(["run", "-d", "--name", &container, "--network", "host"])
+        // As Kubernetes runs it (readOnlyRootFilesystem, an emptyDir at /tmp): only the volume
+        // and /tmp are writable.
+        .args(["--read-only", "--tmpfs", "/tmp"])
         .args(["--health-interval", "1s", "--health-start-period", "0s"])
         .args([
             "-e",
