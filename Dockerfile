@@ -1,5 +1,5 @@
 # strata in a container:
-#   docker build -t strata . && docker run -p 8080:8080 -v strata-store:/var/cache/strata strata
+#   docker build -t strata . && docker run -p 8080:8080 -v strata-cache:/var/cache/strata strata
 # Needs BuildKit (docker 23+ by default; DOCKER_BUILDKIT=1 on 20.10), which builds only the stages
 # the runtime stage uses. Deployment notes: docs/DEPLOY.md.
 #
