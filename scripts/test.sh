@@ -33,6 +33,20 @@ if ! python3 -c 'import moto.server, flask, flask_cors' 2>/dev/null; then
   python3 -m pip install -q "moto[server]>=5.1,<6"
 fi
 
+# deploy/kubernetes/ is checked without a cluster (tests/deploy_manifests.rs): kubectl renders the
+# kustomization, kubernetes-validate (PyPI; it ships the official schemas of Kubernetes 1.25-1.37)
+# checks every object strictly. kubectl from Debian's kubernetes-client when none is installed.
+if ! command -v kubectl >/dev/null 2>&1; then
+  echo "test.sh: installing kubernetes-client"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends kubernetes-client >/dev/null
+fi
+if ! python3 -c "import kubernetes_validate, yaml" 2>/dev/null; then
+  echo "test.sh: installing kubernetes-validate"
+  python3 -m pip install -q "kubernetes-validate>=1.37,<2"
+fi
+
 # --- static checks ---
 if [ "${STRATA_TEST_SHELL:-}" != 1 ]; then
 cargo fmt --all -- --check

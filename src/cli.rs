@@ -135,6 +135,15 @@ pub enum Command {
         /// Directory to write.
         dir: PathBuf,
     },
+    /// Exit 0 if a server answers 2xx at URL: a container HEALTHCHECK that needs no curl.
+    Healthcheck {
+        /// Plain http:// URL to GET.
+        #[arg(env = "STRATA_HEALTHCHECK_URL", default_value = crate::healthcheck::DEFAULT_URL)]
+        url: String,
+        /// Seconds the connection and each read or write may take.
+        #[arg(long, default_value_t = 5)]
+        timeout: u64,
+    },
 }
 
 #[derive(Args, Debug)]

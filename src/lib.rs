@@ -25,6 +25,7 @@
 //! - [`cli`]: command-line flags turned into a validated configuration.
 //! - [`progress`]: the one-shot commands' progress bar on a terminal.
 //! - [`sample`]: a generated sample image as an OCI layout, to try strata offline.
+//! - [`healthcheck`]: `strata healthcheck`, the container image's HEALTHCHECK without curl.
 //! - `fuzzing` (hidden): the fuzz targets' bodies, shared with their regression test.
 
 pub mod cli;
@@ -34,6 +35,7 @@ pub mod entry;
 pub mod format;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod healthcheck;
 pub mod layer;
 pub mod limits;
 pub mod manifest;

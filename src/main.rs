@@ -213,6 +213,11 @@ async fn run(cli: Cli, logs: strata::progress::Stderr) -> anyhow::Result<()> {
             eprintln!("strata: sample image written to {}; serve it with --oci-layout and ask for sample:latest", dir.display());
             Ok(())
         }
+        Command::Healthcheck { url, timeout } => {
+            // Blocking, on purpose: one short request, nothing else runs in this process.
+            strata::healthcheck::check(&url, std::time::Duration::from_secs(timeout))?;
+            Ok(())
+        }
     }
 }
 
