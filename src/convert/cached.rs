@@ -21,6 +21,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use super::{AciRequest, ByteStream, Converter, Error, Planned, PlannedAci};
 use crate::digest::Digest;
 use crate::sign::Signer;
+use crate::store::fleet::Leases;
 use crate::store::{ArtifactKey, BlobReader, BlobWriter, Lease, Store, StoreError};
 
 /// Media type of the descriptor a tarball's record names.
@@ -79,6 +80,8 @@ pub(super) struct Tee {
     /// `--cache-max-bytes`: enforced after each tarball is stored, as after each registry-view
     /// conversion.
     max_bytes: Option<u64>,
+    /// Whose turn eviction is, on a store shared by replicas.
+    leases: Option<Arc<Leases>>,
 }
 
 impl Tee {
@@ -101,6 +104,7 @@ impl Tee {
             key,
             expected,
             max_bytes,
+            leases,
         } = self;
         if expected.is_some_and(|e| e != written) {
             tracing::error!(written, ?expected, %key, "output length differs from the announced one; not stored");
@@ -133,14 +137,19 @@ impl Tee {
         }
         // Apart, so the last bytes are not held back by it.
         if let Some(max) = max_bytes {
-            std::thread::spawn(move || match store.evict(max) {
-                Ok(r) if !r.removed.is_empty() => tracing::info!(
-                    removed = r.removed.len(),
-                    bytes_left = r.bytes,
-                    "evicted least recently used blobs"
-                ),
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "eviction failed"),
+            std::thread::spawn(move || {
+                let Some(_lease) = super::space::space_turn(leases.as_deref()) else {
+                    return;
+                };
+                match store.evict(max) {
+                    Ok(r) if !r.removed.is_empty() => tracing::info!(
+                        removed = r.removed.len(),
+                        bytes_left = r.bytes,
+                        "evicted least recently used blobs"
+                    ),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "eviction failed"),
+                }
             });
         }
     }
@@ -215,6 +224,7 @@ impl Converter {
             key: key.clone(),
             expected,
             max_bytes: self.config.store_max_bytes,
+            leases: self.leases.clone(),
         })
     }
 
@@ -488,6 +498,7 @@ mod tests {
             key: key.clone(),
             expected: Some(expected),
             max_bytes: None,
+            leases: None,
         };
         let mut w = tee.writer().unwrap();
         w.write_all(bytes).unwrap();
