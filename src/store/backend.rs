@@ -6,7 +6,7 @@
 
 use std::io::{self, Read, Write};
 use std::ops::Range;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 /// What a stat tells: enough for `Content-Length`, LRU order and the GC's grace period.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,4 +41,10 @@ pub trait Backend: Send + Sync + 'static {
     fn list(&self, prefix: &str) -> io::Result<Vec<String>>;
     /// Records an access: sets [`Meta::modified`] to now. Missing objects are not an error.
     fn touch(&self, key: &str) -> io::Result<()>;
+    /// A URL a client can GET the object from directly for `expires` (S3: presigned), or `None`
+    /// when this backend has none (a directory).
+    fn presigned_get(&self, key: &str, expires: Duration) -> Option<io::Result<String>> {
+        let _ = (key, expires);
+        None
+    }
 }

@@ -184,6 +184,20 @@ impl Store {
         self.backend.stat(&key).map_err(StoreError::io(&key))
     }
 
+    /// A URL the blob can be fetched from without this process for `expires` (`None`: the
+    /// backend has none, a directory).
+    pub fn blob_url(
+        &self,
+        digest: &Digest,
+        expires: std::time::Duration,
+    ) -> Result<Option<String>, StoreError> {
+        let key = blob_key(digest);
+        self.backend
+            .presigned_get(&key, expires)
+            .transpose()
+            .map_err(StoreError::io(&key))
+    }
+
     /// Leases a stored blob (`None` if it is not stored): what refers to an existing blob without
     /// writing it holds this until its own link is published.
     pub fn lease(&self, digest: &Digest) -> Result<Option<Lease>, StoreError> {
