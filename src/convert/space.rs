@@ -151,3 +151,29 @@ impl Converter {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_sweeper_at_a_time_across_processes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open_dir(dir.path()).unwrap();
+        let ttl = Duration::from_secs(30);
+        let (a, b) = (store.leases(ttl), store.leases(ttl));
+        let sweeping = space_turn(Some(&a)).expect("free").expect("a lease");
+        assert!(space_turn(Some(&b)).is_none(), "two sweepers");
+        assert!(space_turn(Some(&a)).is_none(), "two passes in one process");
+        drop(sweeping);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while space_turn(Some(&b)).is_none() {
+            assert!(std::time::Instant::now() < deadline, "never released");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(
+            space_turn(None).is_some_and(|l| l.is_none()),
+            "no leases: always"
+        );
+    }
+}
