@@ -265,10 +265,27 @@ pub struct ViewArgs {
     /// Seconds between GC passes over the store (0: only after deletes).
     #[arg(long, env = "STRATA_GC_INTERVAL", default_value_t = 3600)]
     pub gc_interval: u64,
+    /// Seconds a replica's lease on a conversion (or on GC) outlives its last renewal (renewed
+    /// every third of it): how long replicas sharing the store wait before converting what a dead
+    /// replica was converting. Fractions allowed.
+    #[arg(long, value_name = "SECS", default_value_t = crate::store::fleet::DEFAULT_LEASE_TTL.as_secs_f64(), value_parser = parse_lease_ttl)]
+    pub lease_ttl: f64,
+    /// Answer the registry view's blob GETs with a 307 to a presigned URL of the object (S3 store
+    /// only), so layer bytes go from the bucket to the client, not through strata.
+    #[arg(long)]
+    pub blob_redirect: bool,
     /// Secret that turns on `POST /hooks/registry` (convert on push): notifications carry it as
     /// `Authorization: Bearer TOKEN`. The environment keeps it out of `ps`.
     #[arg(long, env = "STRATA_HOOK_TOKEN", hide_env_values = true)]
     pub hook_token: Option<String>,
+}
+
+fn parse_lease_ttl(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        // Below that, one slow store round trip would miss a renewal.
+        Ok(v) if (0.3..=86400.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?}: seconds between 0.3 and 86400")),
+    }
 }
 
 fn parse_alias(s: &str) -> Result<(String, String), String> {
@@ -373,6 +390,7 @@ impl SourceArgs {
             wire_compression: WireCompression::default(),
             store_max_bytes: None,
             gc_grace: crate::convert::DEFAULT_GC_GRACE,
+            lease_ttl: crate::store::fleet::DEFAULT_LEASE_TTL,
         })
     }
 }

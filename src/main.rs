@@ -79,6 +79,11 @@ async fn run(cli: Cli, logs: strata::progress::Stderr) -> anyhow::Result<()> {
             config.wire_compression = view.layer_compression;
             config.store_max_bytes = (view.cache_max_bytes > 0).then_some(view.cache_max_bytes);
             config.gc_grace = std::time::Duration::from_secs(view.gc_grace);
+            config.lease_ttl = std::time::Duration::from_secs_f64(view.lease_ttl);
+            if view.blob_redirect && !matches!(config.store, Some(strata::store::Location::S3(_))) {
+                anyhow::bail!("--blob-redirect needs --store s3://…");
+            }
+            settings.blob_redirect = view.blob_redirect;
             settings.enable_delete = view.enable_delete;
             settings.hook_token = view
                 .hook_token

@@ -21,6 +21,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use super::{AciRequest, ByteStream, Converter, Error, Planned, PlannedAci};
 use crate::digest::Digest;
 use crate::sign::Signer;
+use crate::store::fleet::Leases;
 use crate::store::{ArtifactKey, BlobReader, BlobWriter, Lease, Store, StoreError};
 
 /// Media type of the descriptor a tarball's record names.
@@ -80,6 +81,8 @@ pub(super) struct Tee {
     /// conversion.
     max_bytes: Option<u64>,
     metrics: Arc<crate::metrics::Metrics>,
+    /// Whose turn eviction is, on a store shared by replicas.
+    leases: Option<Arc<Leases>>,
 }
 
 impl Tee {
@@ -103,6 +106,7 @@ impl Tee {
             expected,
             max_bytes,
             metrics,
+            leases,
         } = self;
         if expected.is_some_and(|e| e != written) {
             tracing::error!(written, ?expected, %key, "output length differs from the announced one; not stored");
@@ -135,17 +139,22 @@ impl Tee {
         }
         // Apart, so the last bytes are not held back by it.
         if let Some(max) = max_bytes {
-            std::thread::spawn(move || match store.evict(max) {
-                Ok(r) if !r.removed.is_empty() => {
-                    metrics.store_evicted(r.removed.len());
-                    tracing::info!(
-                        removed = r.removed.len(),
-                        bytes_left = r.bytes,
-                        "evicted least recently used blobs"
-                    )
+            std::thread::spawn(move || {
+                let Some(_lease) = super::space::space_turn(leases.as_deref()) else {
+                    return;
+                };
+                match store.evict(max) {
+                    Ok(r) if !r.removed.is_empty() => {
+                        metrics.store_evicted(r.removed.len());
+                        tracing::info!(
+                            removed = r.removed.len(),
+                            bytes_left = r.bytes,
+                            "evicted least recently used blobs"
+                        )
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "eviction failed"),
                 }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "eviction failed"),
             });
         }
     }
@@ -221,6 +230,7 @@ impl Converter {
             expected,
             max_bytes: self.config.store_max_bytes,
             metrics: self.metrics.clone(),
+            leases: self.leases.clone(),
         })
     }
 
@@ -497,6 +507,7 @@ mod tests {
             expected: Some(expected),
             max_bytes: None,
             metrics: Arc::default(),
+            leases: None,
         };
         let mut w = tee.writer().unwrap();
         w.write_all(bytes).unwrap();

@@ -7,13 +7,15 @@
 //!
 //! By job: `plan` (request → planned → prepared conversion), `prepass` (layer summaries and the
 //! merged size), `job` (the streaming merge on its thread), `body` (the channel writer), `cached`
-//! (tarballs kept in the store and served from it), `error` (whose fault a failure is, and its
+//! (tarballs kept in the store and served from it), `fleet` (one conversion per key across the
+//! replicas on a store), `error` (whose fault a failure is, and its
 //! status).
 
 mod access;
 mod body;
 mod cached;
 mod error;
+mod fleet;
 mod job;
 mod plan;
 mod prepass;
@@ -174,6 +176,8 @@ pub struct ConverterConfig {
     pub store_max_bytes: Option<u64>,
     /// How old an unreferenced blob must be before GC removes it: longer than any publication.
     pub gc_grace: std::time::Duration,
+    /// How long a replica's lease on a conversion (or on GC) outlives its last renewal.
+    pub lease_ttl: std::time::Duration,
 }
 
 impl Default for ConverterConfig {
@@ -195,6 +199,7 @@ impl Default for ConverterConfig {
             wire_compression: WireCompression::default(),
             store_max_bytes: None,
             gc_grace: DEFAULT_GC_GRACE,
+            lease_ttl: crate::store::fleet::DEFAULT_LEASE_TTL,
         }
     }
 }
@@ -221,6 +226,8 @@ pub struct Converter {
     signatures: Signatures,
     conversions: Conversions,
     images: Option<crate::store::Store>,
+    /// This replica's leases on `images`, shared with the other replicas on it.
+    leases: Option<Arc<crate::store::fleet::Leases>>,
     flights: stored::Flights,
     access: access::AccessCache,
     metrics: Arc<Metrics>,
@@ -257,6 +264,9 @@ impl Converter {
             ),
             None => None,
         };
+        let leases = images
+            .as_ref()
+            .map(|s| Arc::new(s.leases(config.lease_ttl)));
         Ok(Converter {
             config,
             source,
@@ -265,6 +275,7 @@ impl Converter {
             conversions: Conversions::new(metrics.clone()),
             metrics,
             images,
+            leases,
             flights: stored::Flights::default(),
             access: access::AccessCache::default(),
         })
@@ -278,6 +289,12 @@ impl Converter {
     /// Conversions with any part still running.
     pub fn live_conversions(&self) -> usize {
         self.conversions.live()
+    }
+
+    /// Times a conversion waited for another replica's (the `lease_waits` metric: `/metrics`
+    /// should export this counter).
+    pub fn lease_waits(&self) -> u64 {
+        self.leases.as_ref().map_or(0, |l| l.waits())
     }
 
     /// Parses a reference the way requests name images (default registry, `library/`, `latest`).

@@ -2,7 +2,8 @@
 //! (compressed for the wire, its diff_id and digest taken as it passes), then its config and an image
 //! manifest, and a record of what source and options made them. One conversion per key at a time
 //! (single flight): later requests for the same key wait for the one running, and a conversion goes
-//! on when the request that started it is gone, so a retry finds it stored.
+//! on when the request that started it is gone, so a retry finds it stored. Across the replicas on
+//! one store, a conversion waits its turn ([`super::fleet`]).
 
 use std::collections::HashMap;
 use std::io;
@@ -12,6 +13,7 @@ use futures::future::{BoxFuture, FutureExt, Shared};
 use tokio::runtime::Handle;
 use tokio::sync::OwnedSemaphorePermit;
 
+use super::fleet::Turn;
 use super::job::{Job, Output};
 use super::wire::write_layer;
 use super::{Converter, Error};
@@ -300,13 +302,19 @@ impl Converter {
         credentials: Credentials,
     ) -> Result<Digest, Error> {
         let store = self.images()?.clone();
-        // Another flight may have finished between this one's lookup and its start.
-        {
-            let (store, key) = (store.clone(), key.clone());
-            if let Some(d) = blocking(move || stored_record(&store, &key)).await? {
-                return Ok(d);
+        // Another flight (here or on another replica) may have finished since this one's lookup;
+        // one running on another replica is waited for. Held until the record is published.
+        let lease = {
+            let (store, k) = (store.clone(), key.clone());
+            match self
+                .turn(&key, move || stored_record(&store, &k))
+                .await
+                .map_err(store_error)?
+            {
+                Turn::Done(d) => return Ok(d),
+                Turn::Mine(lease) => lease,
             }
-        }
+        };
         let started = std::time::Instant::now();
         let alive = self.conversions.start();
         let limits = &self.config.limits;
@@ -347,6 +355,7 @@ impl Converter {
         })?;
         drop(timed);
         let layer_size = layer.size;
+        let shown = key.to_string();
         let digest = blocking(move || {
             let config = store.put_blob(&squashed_config(&config, &diff_id, &source))?;
             let blob = |p: &Published| Blob {
@@ -362,6 +371,10 @@ impl Converter {
             Ok(manifest.digest)
         })
         .await?;
+        if lease.as_ref().is_some_and(|l| l.lost()) {
+            tracing::warn!(key = %shown, "converted under a lease another replica took over");
+        }
+        drop(lease);
         tracing::info!(
             manifest = %digest,
             layer_bytes = layer_size,

@@ -67,6 +67,8 @@ pub struct ServerSettings {
     pub manifest_wait: Duration,
     /// Whether the registry view accepts `DELETE` of a converted image.
     pub enable_delete: bool,
+    /// Whether blob GETs of the registry view are answered with a redirect to the object store.
+    pub blob_redirect: bool,
     /// The secret push notifications carry; without one, `/hooks/registry` is not served.
     pub hook_token: Option<HookToken>,
 }
@@ -83,6 +85,7 @@ impl Default for ServerSettings {
             registry_aliases: Vec::new(),
             manifest_wait: DEFAULT_MANIFEST_WAIT,
             enable_delete: false,
+            blob_redirect: false,
             hook_token: None,
         }
     }

@@ -6,7 +6,7 @@
 
 use std::io::{self, Read, Write};
 use std::ops::Range;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 /// What a stat tells: enough for `Content-Length`, LRU order and the GC's grace period.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,6 +45,12 @@ pub trait Backend: Send + Sync + 'static {
     /// [`READY_TIMEOUT`] when it does not. A stat of a missing key would not do: it answers "absent"
     /// for a deleted directory or bucket too.
     fn ready(&self) -> io::Result<()>;
+    /// A URL a client can GET the object from directly for `expires` (S3: presigned), or `None`
+    /// when this backend has none (a directory).
+    fn presigned_get(&self, key: &str, expires: Duration) -> Option<io::Result<String>> {
+        let _ = (key, expires);
+        None
+    }
 }
 
 /// How long [`Backend::ready`] waits: a probe that hangs is a failed probe, and a load balancer

@@ -57,7 +57,12 @@ impl ArtifactKey {
 
     /// Object key of the record: the text's sha256, since the text may hold any characters.
     fn record_key(&self) -> String {
-        format!("{DERIVED}{}", Digest::of(self.to_string().as_bytes()).hex())
+        format!("{DERIVED}{}", self.lease_name())
+    }
+
+    /// The name of the fleet lease whoever converts this key holds ([`super::fleet`]).
+    pub fn lease_name(&self) -> String {
+        Digest::of(self.to_string().as_bytes()).hex().to_string()
     }
 }
 

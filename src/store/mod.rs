@@ -10,6 +10,8 @@
 //! - [`repo`]: manifest links, tags, listings.
 //! - [`key`]: what fixes a derived artifact's bytes, as a stable key.
 //! - [`gc`]: LRU eviction under a byte bound, mark-and-sweep with a grace period.
+//! - [`fleet`]: leases shared by the replicas on one store (`leases/<name>/<generation>`): one
+//!   conversion per key, one GC sweep at a time.
 //!
 //! Layout (object keys): `blobs/<alg>/<hex>`, `repositories/<name>/_manifests/<alg>/<hex>` (a link:
 //! the manifest is a blob), `repositories/<name>/_tags/<tag>` (the digest's text), `derived/<sha256
@@ -31,14 +33,15 @@
 //! - *Access time*: the modification time, set by [`backend::Backend::touch`]; on S3, where no
 //!   object's time can be set short of rewriting it, an empty marker object written beside it
 //!   (touching happens only when a lease ends, not per read).
-//! - *Leases and GC*: leases are per process; across replicas a blob being published is protected by
-//!   the grace period (it must exceed the longest publication) and GC runs on one leader holding a
-//!   lease object made by conditional create (issue 10), as distribution/distribution#3937 shows
-//!   concurrent sweeps on S3 are unsafe.
+//! - *Leases and GC*: blob leases ([`blob::Lease`]) are per process; across replicas a blob being
+//!   published is protected by the grace period (it must exceed the longest publication), and GC and
+//!   eviction run on one replica at a time, the holder of the fleet lease `gc` ([`fleet`]), as
+//!   distribution/distribution#3937 shows concurrent sweeps on S3 are unsafe.
 
 pub mod backend;
 pub mod blob;
 mod delete;
+pub mod fleet;
 pub mod fs;
 pub mod gc;
 pub mod key;
@@ -184,6 +187,20 @@ impl Store {
     pub fn stat_blob(&self, digest: &Digest) -> Result<Option<Meta>, StoreError> {
         let key = blob_key(digest);
         self.backend.stat(&key).map_err(StoreError::io(&key))
+    }
+
+    /// A URL the blob can be fetched from without this process for `expires` (`None`: the
+    /// backend has none, a directory).
+    pub fn blob_url(
+        &self,
+        digest: &Digest,
+        expires: std::time::Duration,
+    ) -> Result<Option<String>, StoreError> {
+        let key = blob_key(digest);
+        self.backend
+            .presigned_get(&key, expires)
+            .transpose()
+            .map_err(StoreError::io(&key))
     }
 
     /// Leases a stored blob (`None` if it is not stored): what refers to an existing blob without

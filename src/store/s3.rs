@@ -43,8 +43,9 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
-use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey, S3CopyIfNotExists};
+use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey, S3CopyIfNotExists};
 use object_store::path::Path;
+use object_store::signer::Signer;
 use object_store::{
     BackoffConfig, ClientConfigKey, GetOptions, GetRange, MultipartUpload, ObjectMeta, ObjectStore,
     ObjectStoreExt, PutMode, PutPayload, RetryConfig,
@@ -122,6 +123,8 @@ fn io_err(e: object_store::Error) -> io::Error {
 
 struct Inner {
     store: Arc<dyn ObjectStore>,
+    /// The same client, typed: what presigns URLs (`--blob-redirect`).
+    signer: AmazonS3,
     /// The same bucket without the whole-request timeout: a body streams for as long as its reader
     /// takes (a slow client), bounded per chunk by [`STREAM_IDLE`] instead.
     streams: Arc<dyn ObjectStore>,
@@ -210,6 +213,7 @@ impl S3Backend {
             .build()
             .map_err(io::Error::other)?;
         let store = builder.build().map_err(io::Error::other)?;
+        let signer = store.clone();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("strata-s3")
@@ -218,6 +222,7 @@ impl S3Backend {
         let backend = S3Backend {
             inner: Arc::new(Inner {
                 store: Arc::new(store),
+                signer,
                 streams: Arc::new(streams),
                 prefix: url.prefix.clone(),
                 runtime: Some(runtime),
@@ -392,6 +397,23 @@ impl Backend for S3Backend {
                     .map_err(io_err)?;
             }
             Ok(())
+        })
+    }
+
+    fn presigned_get(&self, key: &str, expires: Duration) -> Option<io::Result<String>> {
+        Some(self.presign(key, expires))
+    }
+}
+
+impl S3Backend {
+    fn presign(&self, key: &str, expires: Duration) -> io::Result<String> {
+        let (signer, path) = (self.inner.signer.clone(), self.inner.path(key));
+        self.inner.run(async move {
+            let url = signer
+                .signed_url(http::Method::GET, &path, expires)
+                .await
+                .map_err(io_err)?;
+            Ok(url.to_string())
         })
     }
 }

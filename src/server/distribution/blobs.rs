@@ -1,5 +1,7 @@
 //! Blobs from the store: only those a manifest of the repository names, after an upstream access
-//! check; `Range` (206, 416) so interrupted pulls resume.
+//! check; `Range` (206, 416) so interrupted pulls resume. With `--blob-redirect` (S3 store), a GET
+//! is answered `307` to a presigned URL of the object instead, as distribution's S3 driver does:
+//! the bucket sends the bytes (and honours `Range`), the replica sends none.
 
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, StreamBody};
@@ -10,6 +12,10 @@ use super::error::V2Error;
 use super::{blocking, check_access, name, store, Result};
 use crate::digest::Digest;
 use crate::registry::Credentials;
+
+/// How long a redirect's presigned URL is valid: only its request must start within it (a transfer
+/// may outlast it), so it is short, with room for a client's queue of layers and clock skew.
+const REDIRECT_EXPIRY: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// `Range: bytes=…` of a blob of `size` bytes: `Ok(None)` for the whole blob (no header, several
 /// ranges or one that cannot be parsed, which RFC 9110 lets a server ignore), `Err` when
@@ -73,6 +79,27 @@ pub(super) async fn blob(
     .await?
     .ok_or_else(unknown)?;
     check_access(state, &name, credentials).await?;
+    if state.settings.blob_redirect && req.method() == Method::GET {
+        let url = blocking({
+            let (store, digest) = (store.clone(), digest.clone());
+            move || {
+                // A redirected read is an access for LRU eviction, as a served one is.
+                drop(store.lease(&digest)?);
+                store.blob_url(&digest, REDIRECT_EXPIRY)
+            }
+        })
+        .await?;
+        if let Some(url) = url {
+            tracing::debug!(%digest, "blob redirected");
+            return Ok(Response::builder()
+                .status(StatusCode::TEMPORARY_REDIRECT)
+                .header(header::LOCATION, url)
+                .header("docker-content-digest", digest.to_string())
+                .header(header::CONTENT_LENGTH, 0)
+                .body(empty())
+                .expect("valid response"));
+        }
+    }
     let range = match byte_range(req, meta.size) {
         Ok(r) => r,
         Err(()) => {
