@@ -222,8 +222,10 @@ fn blob_redirect_sends_layer_bytes_from_the_bucket_not_through_strata() {
     );
     assert_same(&want, &export_listing(local), &reference);
     let blobs = front.settled_requests("/blobs/");
+    // The config at least: docker skips a layer it already holds from another test's pull of
+    // the same converted image.
     assert!(
-        blobs.len() >= 2,
+        !blobs.is_empty(),
         "docker fetched no blob through strata: {blobs:?}"
     );
     for r in &blobs {
