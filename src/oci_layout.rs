@@ -132,6 +132,32 @@ impl OciLayout {
         Ok(tags)
     }
 
+    /// Bytes `range` of a blob; `None` if the file is shorter.
+    pub async fn blob_range(
+        &self,
+        digest: &Digest,
+        range: std::ops::Range<u64>,
+    ) -> Result<Option<bytes::Bytes>, RegistryError> {
+        use tokio::io::{AsyncReadExt, AsyncSeekExt};
+        let path = self.blob_path(digest);
+        let read = async {
+            let mut file = tokio::fs::File::open(&path).await?;
+            file.seek(std::io::SeekFrom::Start(range.start)).await?;
+            let mut buf = vec![0; (range.end - range.start) as usize];
+            match file.read_exact(&mut buf).await {
+                Ok(_) => Ok(Some(bytes::Bytes::from(buf))),
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(None),
+                Err(e) => Err(e),
+            }
+        };
+        read.await.map_err(|e: std::io::Error| match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                RegistryError::NotFound(format!("blob {digest} not in the OCI layout"))
+            }
+            _ => RegistryError::Upstream(format!("{}: {e}", path.display())),
+        })
+    }
+
     pub async fn blob(&self, digest: &Digest, size: u64) -> Result<BlobStream, RegistryError> {
         let path = self.blob_path(digest);
         let file = tokio::fs::File::open(&path)

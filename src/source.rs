@@ -119,6 +119,24 @@ impl Source {
     }
 }
 
+impl Source {
+    /// Bytes `range` of a blob (within its size), unverified; `None` when they cannot be had
+    /// alone (a registry that ignores `Range`).
+    pub async fn blob_range(
+        &self,
+        reference: &Reference,
+        digest: &Digest,
+        range: std::ops::Range<u64>,
+        credentials: &Credentials,
+    ) -> Result<Option<Bytes>, SourceError> {
+        let result = match &self.origin {
+            Origin::Registry(c) => c.blob_range(reference, digest, range, credentials).await,
+            Origin::Layout(l) => l.blob_range(digest, range).await,
+        };
+        self.counted(result)
+    }
+}
+
 /// An error in a blob's transfer (network, stall, bytes that miss their digest or size), as opposed
 /// to its content: the registry's fault, not the image's. Every error a blob stream yields is one.
 #[derive(Debug, thiserror::Error)]

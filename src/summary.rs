@@ -6,8 +6,10 @@
 //! so a summary keyed by digest (its hex form here) never goes stale. The merged size of a whole image is remembered too,
 //! keyed by manifest digest, so a repeat skips even the sizing run.
 
+use std::collections::HashSet;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use sha2::{Digest as _, Sha256};
 
@@ -196,15 +198,49 @@ pub fn decode(data: &[u8]) -> Option<Vec<Item>> {
     c.0.is_empty().then_some(items)
 }
 
-/// Summaries and merged sizes remembered on disk; with no directory it remembers nothing.
+/// Summaries and merged sizes remembered on disk; with no directory it remembers nothing but, in
+/// memory, which images must be sized exactly.
 #[derive(Debug, Clone)]
 pub struct Store {
     dir: Option<PathBuf>,
+    /// Manifests whose merged layer outgrew its bound once, by hex digest.
+    exact: Arc<Mutex<HashSet<String>>>,
 }
 
 impl Store {
     pub fn new(dir: Option<PathBuf>) -> Store {
-        Store { dir }
+        Store {
+            dir,
+            exact: Arc::default(),
+        }
+    }
+
+    /// Remembers that an image's merged layer outgrew the bound its archive announced: from now on
+    /// it is sized exactly before its bytes start. Kept in memory even with no directory, so the
+    /// retry a client makes is exact.
+    pub fn mark_exact(&self, manifest_hex: &str) {
+        self.exact
+            .lock()
+            .expect("not poisoned")
+            .insert(manifest_hex.to_string());
+        if let Some(path) = self.file("exact", manifest_hex) {
+            write_atomic(&path, format!("{}\n", version::OUTPUT).as_bytes());
+        }
+    }
+
+    /// Whether [`Store::mark_exact`] was called for this image (by this output version).
+    pub fn needs_exact(&self, manifest_hex: &str) -> bool {
+        if self
+            .exact
+            .lock()
+            .expect("not poisoned")
+            .contains(manifest_hex)
+        {
+            return true;
+        }
+        self.file("exact", manifest_hex)
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .is_some_and(|made_by| made_by.trim() == version::OUTPUT)
     }
 
     fn file(&self, kind: &str, key: &str) -> Option<PathBuf> {

@@ -273,7 +273,17 @@ fn a_merged_layer_outgrowing_its_announced_size_aborts_and_the_next_request_succ
     )]);
     let r = publish(&env, "size-exceeded", vec![image]);
     let whole = converted_apart(&env.registry, &r);
-    size(&server, &r);
+    // A whole conversion remembers the exact size; its stored copy is then taken away, so the
+    // next request converts again, sized by what is remembered.
+    let first = body_of(&server, &r);
+    let stored = {
+        use sha2::Digest;
+        server
+            .cache
+            .join("store/blobs/sha256")
+            .join(hex::encode(sha2::Sha256::digest(&first)))
+    };
+    std::fs::remove_file(stored).unwrap();
 
     // Make the remembered merged size of this image too small, as a wrong estimate would be.
     let sizes: Vec<_> = std::fs::read_dir(server.cache.join("sizes"))
@@ -298,9 +308,66 @@ fn a_merged_layer_outgrowing_its_announced_size_aborts_and_the_next_request_succ
     assert_ne!(code, 0, "curl must see a failed transfer");
     docker_load_fails(&out);
 
-    // The wrong size is forgotten: the next request is sized afresh and whole.
+    // The wrong size is forgotten: the next request is sized afresh (an upper bound, as a first
+    // request is) and whole.
     assert!(body_of(&server, &r) == whole, "the next request is whole");
     assert_eq!(remembered(&sizes[0]).1, real);
+}
+
+/// A bound is an estimate: a layer below the top one holding a sparse file (its blob tells the size
+/// of its data, the merged tar holds the file whole) makes it too small. The transfer aborts (no
+/// complete-looking archive), and the retry is sized exactly and whole.
+#[test]
+fn a_merged_layer_outgrowing_its_bound_aborts_and_the_retry_is_exact() {
+    let env = env();
+    let server = Server::start(&env.registry, &[]);
+    let image = Image::new(vec![
+        (
+            Layer::new().pax_sparse("1.0", "sparse", 2 << 20, &[(0, b"head"), (1 << 20, b"x")]),
+            Comp::Gzip,
+        ),
+        (Layer::new().file("top", 0o644, b"top"), Comp::Gzip),
+    ]);
+    let r = publish(&env, "bound-exceeded", vec![image]);
+    let url = format!("{}/squash/{r}", server.url);
+    let (_, head, _) = curl(&["-I", &url]);
+    let announced: u64 = header_value(&head, "content-length")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let dir = scratch("bound-exceeded");
+    let out = dir.join("partial.tar");
+    let (status, code) = curl_exit(&url, &out);
+    assert_eq!(status, 200);
+    assert_ne!(code, 0, "curl must see a failed transfer");
+    docker_load_fails(&out);
+    assert!(
+        server.log.lock().unwrap().contains("outgrew the bound"),
+        "the abort is logged"
+    );
+
+    // Sized exactly now: whole, and no longer than the merged tar needs.
+    let (_, head, _) = curl(&["-I", &url]);
+    let exact: u64 = header_value(&head, "content-length")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(exact > announced, "{exact} vs the bound's {announced}");
+    let body = body_of(&server, &r);
+    assert_eq!(body.len() as u64, exact);
+    let listing = squash_listing(&body);
+    assert!(listing.keys().any(|k| k == "sparse"), "{listing:?}");
+    let layer_len = {
+        let mut tar = tar::Archive::new(&body[..]);
+        let e = tar.entries().unwrap().next().unwrap().unwrap();
+        e.header().size().unwrap()
+    };
+    // The sparse file whole, `top`, and the end blocks: no padding.
+    let merged = 512 + (2 << 20) + 512 + 512 + 1024;
+    assert_eq!(layer_len, merged as u64, "exact: no padding");
+    let loaded = dir.join("whole.tar");
+    std::fs::write(&loaded, &body).unwrap();
+    run(docker().arg("load").arg("-i").arg(&loaded));
 }
 
 /// What a server holds: open descriptors, TCP sockets to a port, and its own counts (`/debug/stats`).

@@ -39,6 +39,9 @@ pub struct StoredTarball {
     pub digest: Digest,
     /// Exact length of the bytes.
     pub size: u64,
+    /// The validator the bytes were sent with when they were made (a squash's depends on how its
+    /// layer was sized then); `None` from a descriptor that kept none.
+    pub etag: Option<String>,
     /// The descriptor the record names.
     descriptor: Digest,
 }
@@ -77,6 +80,8 @@ pub(super) struct Tee {
     key: ArtifactKey,
     /// Exact length the output must have, when announced ahead (a squash's `Content-Length`).
     expected: Option<u64>,
+    /// The validator the output is sent with, kept for repeats of the stored bytes.
+    etag: Option<String>,
     /// `--cache-max-bytes`: enforced after each tarball is stored, as after each registry-view
     /// conversion.
     max_bytes: Option<u64>,
@@ -104,6 +109,7 @@ impl Tee {
             store,
             key,
             expected,
+            etag,
             max_bytes,
             metrics,
             leases,
@@ -118,7 +124,8 @@ impl Tee {
         let started = std::time::Instant::now();
         let stored = (|| {
             let blob = writer.finish()?;
-            let descriptor = store.put_blob(&descriptor(&blob.digest, blob.size))?;
+            let descriptor =
+                store.put_blob(&descriptor(&blob.digest, blob.size, etag.as_deref()))?;
             store.put_derived(&key, &descriptor.digest)?;
             // The leases are held until the record that roots both exists.
             drop(descriptor);
@@ -160,13 +167,19 @@ impl Tee {
     }
 }
 
-fn descriptor(digest: &Digest, size: u64) -> Vec<u8> {
-    serde_json::to_vec(&json!({
+/// Annotation of a descriptor: the validator its tarball was sent with.
+const ETAG_ANNOTATION: &str = "org.strata.etag";
+
+fn descriptor(digest: &Digest, size: u64, etag: Option<&str>) -> Vec<u8> {
+    let mut doc = json!({
         "schemaVersion": 2,
         "mediaType": DESCRIPTOR_TYPE,
         "layers": [{"mediaType": "application/x-tar", "digest": digest.to_string(), "size": size}],
-    }))
-    .expect("JSON serialises")
+    });
+    if let Some(etag) = etag {
+        doc["annotations"] = json!({ ETAG_ANNOTATION: etag });
+    }
+    serde_json::to_vec(&doc).expect("JSON serialises")
 }
 
 /// The tarball a record names, if it is still stored whole.
@@ -195,6 +208,9 @@ fn lookup(store: &Store, key: &ArtifactKey) -> Result<Option<StoredTarball>, Sto
         Some(meta) if meta.size == size => Some(StoredTarball {
             digest,
             size,
+            etag: doc["annotations"][ETAG_ANNOTATION]
+                .as_str()
+                .map(str::to_string),
             descriptor: record,
         }),
         _ => None,
@@ -223,11 +239,17 @@ async fn blocking<T: Send + 'static>(
 
 impl Converter {
     /// Where the output known by `key` goes in the store, if there is one.
-    pub(super) fn tee(&self, key: &ArtifactKey, expected: Option<u64>) -> Option<Tee> {
+    pub(super) fn tee(
+        &self,
+        key: &ArtifactKey,
+        expected: Option<u64>,
+        etag: Option<&str>,
+    ) -> Option<Tee> {
         Some(Tee {
             store: self.images.clone()?,
             key: key.clone(),
             expected,
+            etag: etag.map(str::to_string),
             max_bytes: self.config.store_max_bytes,
             metrics: self.metrics.clone(),
             leases: self.leases.clone(),
@@ -495,7 +517,7 @@ mod tests {
     #[test]
     fn descriptor_roots_the_tarball_for_gc() {
         let d = Digest::of(b"tarball");
-        let bytes = descriptor(&d, 7);
+        let bytes = descriptor(&d, 7, None);
         let refs = crate::store::repo::references(&Digest::of(&bytes), &bytes).unwrap();
         assert_eq!(refs.blobs, vec![d]);
     }
@@ -505,6 +527,7 @@ mod tests {
             store: store.clone(),
             key: key.clone(),
             expected: Some(expected),
+            etag: Some("made-with".into()),
             max_bytes: None,
             metrics: Arc::default(),
             leases: None,
@@ -544,6 +567,11 @@ mod tests {
         publish(&store, &key, b"12345", 5);
         let found = lookup(&store, &key).unwrap().expect("stored");
         assert_eq!((found.digest, found.size), (Digest::of(b"12345"), 5));
+        assert_eq!(
+            found.etag.as_deref(),
+            Some("made-with"),
+            "the validator kept"
+        );
         age(dir.path());
         let report = store.gc(std::time::Duration::ZERO).unwrap();
         assert!(report.removed.is_empty(), "{report:?}");

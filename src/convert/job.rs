@@ -14,6 +14,7 @@ use tokio_util::io::{StreamReader, SyncIoBridge};
 use super::body::ChannelWriter;
 use super::cached::Tee;
 use super::error::{caused_by, layer_error_io};
+use super::prepass::Summaries;
 use super::{ByteStream, CHANNEL_DEPTH, READ_BUF};
 use crate::entry;
 use crate::format::aci::{AciArchive, RootfsSink};
@@ -36,7 +37,8 @@ pub(super) struct Job {
     pub(super) reference: Reference,
     pub(super) credentials: Credentials,
     pub(super) image: ResolvedImage,
-    pub(super) hints: Vec<LayerHints>,
+    /// What the merge of each layer must know first, read ahead of it.
+    pub(super) summaries: Summaries,
     pub(super) output: Output,
     pub(super) limits: Limits,
     /// Dropped with the job, when its thread ends.
@@ -44,7 +46,11 @@ pub(super) struct Job {
 }
 
 pub(super) enum Output {
-    Docker(DockerArchive),
+    /// `bounded`: the layer member's announced size is an upper bound, not the exact size.
+    Docker {
+        archive: DockerArchive,
+        bounded: bool,
+    },
     /// The merged tar alone, written by [`Job::write_layer`] (the registry view's blob).
     Layer,
     Aci {
@@ -81,7 +87,7 @@ impl Job {
         let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
         let handle = Handle::current();
         let format = match self.output {
-            Output::Docker(_) => "squash",
+            Output::Docker { .. } => "squash",
             Output::Layer => "layer",
             Output::Aci { .. } => "aci",
         };
@@ -92,8 +98,13 @@ impl Job {
             let mut out = ChannelWriter::new(tx.clone());
             out.set_tee(tee.as_ref().and_then(Tee::writer));
             let result = self.run(&mut out, &handle).and_then(|()| {
-                // Published before the last bytes leave: a client that has them all and asks again
-                // is served the stored copy.
+                // Remembered and published before the last bytes leave: a client that has them
+                // all and asks again is served the stored copy, or else an exact size.
+                self.summaries.remember_size(
+                    &self.store,
+                    self.image.manifest_digest.hex(),
+                    &handle,
+                );
                 if let Some(tee) = tee {
                     tee.publish(out.take_tee(), out.position());
                 }
@@ -101,14 +112,7 @@ impl Job {
             });
             if let Err(e) = result {
                 if caused_by::<SizeExceeded>(&e) {
-                    let blobs: Vec<String> = self
-                        .image
-                        .layers
-                        .iter()
-                        .map(|l| l.digest.hex().to_string())
-                        .collect();
-                    let blobs: Vec<&str> = blobs.iter().map(String::as_str).collect();
-                    self.store.forget(self.image.manifest_digest.hex(), &blobs);
+                    self.outgrown();
                 }
                 if e.kind() == io::ErrorKind::BrokenPipe {
                     tracing::info!("client went away; conversion stopped");
@@ -119,6 +123,29 @@ impl Job {
             }
         });
         Box::pin(ReceiverStream::new(rx))
+    }
+
+    /// The merged layer outgrew its announced size. An exact size that was wrong is forgotten, with
+    /// the summaries it came from; a bound that was too small makes the image sized exactly from now
+    /// on, so the client's retry gets it whole.
+    fn outgrown(&self) {
+        let manifest = self.image.manifest_digest.hex();
+        if matches!(self.output, Output::Docker { bounded: true, .. }) {
+            tracing::warn!(
+                "merged layer outgrew the bound its header announced; transfer aborted, the next \
+                 request for this image is sized exactly"
+            );
+            self.store.mark_exact(manifest);
+            return;
+        }
+        let blobs: Vec<String> = self
+            .image
+            .layers
+            .iter()
+            .map(|l| l.digest.hex().to_string())
+            .collect();
+        let blobs: Vec<&str> = blobs.iter().map(String::as_str).collect();
+        self.store.forget(manifest, &blobs);
     }
 
     /// Starts fetching a layer on the runtime: the request, then [`read_ahead`].
@@ -140,7 +167,7 @@ impl Job {
 
     fn run(&self, out: &mut ChannelWriter, handle: &Handle) -> io::Result<()> {
         match &self.output {
-            Output::Docker(archive) => self.run_docker(archive, out, handle),
+            Output::Docker { archive, .. } => self.run_docker(archive, out, handle),
             Output::Layer => self.write_layer(out, handle),
             Output::Aci { archive, signing } => {
                 self.run_aci(archive, signing.as_ref(), out, handle)
@@ -206,17 +233,19 @@ impl Job {
     fn merge_layers(&self, sink: &mut dyn Sink, handle: &Handle) -> io::Result<()> {
         let mut merger = Merger::new();
         let budget = Arc::new(Budget::default());
-        let layers: Vec<_> = self.image.layers.iter().zip(&self.hints).rev().collect();
+        let layers: Vec<_> = self.image.layers.iter().enumerate().rev().collect();
         // One layer is fetched ahead: its request and first chunks overlap the merge of the one above.
-        let mut next = layers.first().map(|(layer, _)| self.fetch(layer, handle));
-        for (depth, (layer, hints)) in layers.iter().enumerate() {
+        let mut next = layers.first().map(|(_, layer)| self.fetch(layer, handle));
+        for (depth, (i, layer)) in layers.iter().enumerate() {
             let _span =
                 tracing::debug_span!("layer", digest = %layer.digest, size = layer.size).entered();
-            merger.begin_layer(depth as u32, (*hints).clone());
-            // What is ready goes out while this layer's fetch may still wait on the network.
+            // What is ready goes out while this layer's summary or fetch may still be coming.
             sink.flush()?;
+            let items = self.summaries.wait_blocking(*i, handle)?;
+            merger.begin_layer(depth as u32, LayerHints::from_items(&items));
+            drop(items);
             let this = next.take().expect("fetched ahead");
-            next = layers.get(depth + 1).map(|(l, _)| self.fetch(l, handle));
+            next = layers.get(depth + 1).map(|(_, l)| self.fetch(l, handle));
             let stream = this.wait(handle)?;
             let reader = SyncIoBridge::new_with_handle(StreamReader::new(stream), handle.clone());
             // No draining as in `scan_layer` here: once the response has started, any failure aborts

@@ -1,18 +1,21 @@
-//! One conversion, from a request to a byte stream: resolve the image, size the merged layer (remembered
-//! summaries or a counting pre-pass), then run the merge and the output writer on a blocking thread that
-//! feeds a bounded channel the HTTP body (or the CLI's file) reads from.
+//! One conversion, from a request to a byte stream: resolve the image, size the merged layer (exactly
+//! when remembered, else an upper bound the content is padded to), then run the merge and the output
+//! writer on a blocking thread that feeds a bounded channel the HTTP body (or the CLI's file) reads
+//! from, the layers' summaries read one ahead of their merge.
 //!
-//! Everything that can fail before the first byte happens in [`Converter::prepare`]; after that, a failure
-//! ends the stream with an error, which the server turns into an aborted connection.
+//! What can fail before the first byte (the image, its top layer) fails in [`Converter::prepare`];
+//! after that, a failure ends the stream with an error, which the server turns into an aborted
+//! connection.
 //!
-//! By job: `plan` (request → planned → prepared conversion), `prepass` (layer summaries and the
-//! merged size), `job` (the streaming merge on its thread), `body` (the channel writer), `cached`
-//! (tarballs kept in the store and served from it), `fleet` (one conversion per key across the
-//! replicas on a store), `error` (whose fault a failure is, and its
-//! status).
+//! By job: `plan` (request → planned → prepared conversion), `bound` (how the layer member is
+//! sized), `prepass` (layer summaries, read ahead of the merge, and the exact size), `job` (the
+//! streaming merge on its thread), `body` (the channel writer), `cached` (tarballs kept in the store
+//! and served from it), `fleet` (one conversion per key across the replicas on a store), `error`
+//! (whose fault a failure is, and its status).
 
 mod access;
 mod body;
+mod bound;
 mod cached;
 mod error;
 mod fleet;

@@ -4,8 +4,10 @@
 
 use sha2::{Digest as _, Sha256};
 
+use super::bound::Sizing;
 use super::cached;
 use super::job::{Job, Output, Signing};
+use super::prepass::prepass_parallelism;
 use super::{
     AciRequest, AciSignature, Converter, Error, Planned, PlannedAci, Prepared, PreparedAci,
     SquashRequest, SIGNATURE_WAIT,
@@ -53,8 +55,9 @@ impl Converter {
             image.manifest_digest
         )));
         let etag = hex::encode(Sha256::digest(format!(
-            "{id}\n{}",
-            repo_tag.as_deref().unwrap_or("")
+            "{id}\n{}\n{}",
+            repo_tag.as_deref().unwrap_or(""),
+            self.sizing(&image).tag()
         )));
         let key = cached::squash_key(
             &image.manifest_digest,
@@ -73,8 +76,10 @@ impl Converter {
         })
     }
 
-    /// Sizes a planned squash (from what is remembered, else a pre-pass over its layers); the body
-    /// starts the conversion when first polled.
+    /// Sizes a planned squash (remembered, else an upper bound, or for an image that outgrew its
+    /// bound, a pre-pass over its layers) and reads its top layer's summary, so that a broken top
+    /// layer is an HTTP error, not an aborted transfer; the body starts the conversion when first
+    /// polled, the lower layers' summaries read one ahead of their merge.
     pub async fn prepare_planned(&self, planned: Planned) -> Result<Prepared, Error> {
         let Planned {
             etag,
@@ -86,8 +91,18 @@ impl Converter {
             key,
             alive,
         } = planned;
-        let (layer_size, hints) = self.analyse(&image, &credentials, true, &alive).await?;
-        let layer_size = layer_size.expect("sized when asked");
+        let sizing = self.sizing(&image);
+        let parallel = match sizing {
+            Sizing::Exact => prepass_parallelism(),
+            Sizing::Known(_) | Sizing::Bound => 1,
+        };
+        let summaries = self.summaries(&image, &credentials, &alive, parallel);
+        let layer_size = match sizing {
+            Sizing::Known(size) => size,
+            Sizing::Exact => self.exact_size(&image, &summaries).await?,
+            Sizing::Bound => self.bound(&image, &credentials, &summaries).await?,
+        };
+        self.top_summary(&image, &summaries).await?;
         let source = format!("{}@{}", reference.name(), image.manifest_digest);
         let archive = DockerArchive::new(id, layer_size, image.config.clone(), repo_tag, source);
         let content_length = archive.total_len();
@@ -96,6 +111,7 @@ impl Converter {
             manifest = %image.manifest_digest,
             layers = image.layers.len(),
             layer_size,
+            sizing = sizing.tag(),
             content_length,
             "prepared"
         );
@@ -106,15 +122,19 @@ impl Converter {
             reference,
             credentials,
             image,
-            hints,
-            output: Output::Docker(archive),
+            summaries,
+            output: Output::Docker {
+                archive,
+                bounded: sizing == Sizing::Bound,
+            },
             limits: self.config.limits,
             _alive: alive,
         };
+        let body = job.start(self.tee(&key, Some(content_length), Some(&etag)));
         Ok(Prepared {
             content_length,
             etag,
-            body: job.start(self.tee(&key, Some(content_length))),
+            body,
         })
     }
 
@@ -214,9 +234,8 @@ impl Converter {
             key,
             alive,
         } = planned;
-        let (_, hints) = self
-            .analyse(&image, &request.credentials, false, &alive)
-            .await?;
+        let summaries = self.summaries(&image, &request.credentials, &alive, 1);
+        self.top_summary(&image, &summaries).await?;
         tracing::info!(
             image = %request.reference,
             manifest = %image.manifest_digest,
@@ -235,7 +254,7 @@ impl Converter {
             reference: request.reference,
             credentials: request.credentials,
             image,
-            hints,
+            summaries,
             output: Output::Aci {
                 archive: Box::new(AciArchive::new(plan)),
                 signing,
@@ -246,7 +265,7 @@ impl Converter {
         Ok(PreparedAci {
             etag,
             name,
-            body: job.start(self.tee(&key, None)),
+            body: job.start(self.tee(&key, None, None)),
         })
     }
 

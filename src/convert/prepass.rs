@@ -1,11 +1,13 @@
-//! What the merge must know before it starts: each layer's summary (remembered, or read by a
-//! counting pre-pass over the layer, several layers at once) and, from them, the merged size.
+//! What the merge of a layer must know before it starts: the layer's summary (remembered, or read by
+//! a counting pass over the layer, top layer first, ahead of the merge) and, from all of them, the
+//! exact merged size.
 
 use std::io::{self, BufReader};
 use std::sync::Arc;
 
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use tokio::runtime::Handle;
+use tokio::sync::watch;
 use tokio_util::io::{StreamReader, SyncIoBridge};
 
 use super::error::{caused_by, image_fault, layer_error, source_error};
@@ -14,62 +16,84 @@ use crate::entry::Item;
 use crate::layer;
 use crate::limits::{Budget, Guard, Limits};
 use crate::manifest::ResolvedImage;
-use crate::merge::{LayerHints, MergeError};
+use crate::merge::MergeError;
 use crate::registry::Credentials;
 use crate::source::{cancellable, read_ahead, TransferError};
 use crate::stats::Alive;
 use crate::summary;
 
-impl Converter {
-    pub(super) async fn analyse(
-        &self,
-        image: &ResolvedImage,
-        credentials: &Credentials,
-        sizing: bool,
-        alive: &Alive,
-    ) -> Result<(Option<u64>, Vec<LayerHints>), Error> {
-        let summaries = self.summaries(image, credentials, alive).await?;
-        let manifest_hex = image.manifest_digest.hex().to_string();
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || -> Result<_, Error> {
-            let refs: Vec<&[Item]> = summaries.iter().map(|s| &s[..]).collect();
-            let size = match store.load_size(&manifest_hex) {
-                _ if !sizing => None,
-                Some(size) => Some(size),
-                None => {
-                    let size = summary::merged_size(&refs)
-                        .map_err(|e| Error::InvalidImage(e.to_string()))?;
-                    store.save_size(&manifest_hex, size);
-                    Some(size)
-                }
-            };
-            let hints: Vec<LayerHints> = refs
-                .iter()
-                .map(|items| LayerHints::from_items(items))
-                .collect();
-            Ok((size, hints))
-        })
-        .await
-        .map_err(|e| Error::Internal(e.to_string()))?
+/// A layer's summary, or why it could not be read.
+type Scanned = Result<Arc<Vec<Item>>, Error>;
+
+/// The image's layer summaries (indexed bottom first, as the manifest lists the layers): the
+/// remembered ones at once, the others read on a task of its own, top layer first, so the merge of a
+/// layer can start as soon as its own summary is in while the ones below are still being read.
+/// Dropping it stops the reading.
+pub(super) struct Summaries {
+    slots: Vec<watch::Receiver<Option<Scanned>>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Summaries {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Outcome of waiting for a slot whose scan task has gone.
+fn stopped() -> Error {
+    Error::Internal("layer summaries stopped being read".into())
+}
+
+impl Summaries {
+    /// The summary of layer `i` (bottom first), once read.
+    pub(super) async fn wait(&self, i: usize) -> Scanned {
+        let mut rx = self.slots[i].clone();
+        let result = rx.wait_for(Option::is_some).await.map_err(|_| stopped())?;
+        result.clone().expect("waited for")
     }
 
-    /// Each layer's summary, bottom first: remembered ones from disk, the others from a counting
-    /// pre-pass over the layer, run for several layers at once.
-    async fn summaries(
+    /// [`Summaries::wait`] from a blocking thread.
+    pub(super) fn wait_blocking(&self, i: usize, handle: &Handle) -> io::Result<Arc<Vec<Item>>> {
+        handle.block_on(self.wait(i)).map_err(|e| match e {
+            Error::InvalidImage(m) => io::Error::new(io::ErrorKind::InvalidData, m),
+            other => io::Error::other(other.to_string()),
+        })
+    }
+
+    /// Every summary, bottom first.
+    pub(super) async fn all(&self) -> Result<Vec<Arc<Vec<Item>>>, Error> {
+        let mut out = Vec::with_capacity(self.slots.len());
+        for i in 0..self.slots.len() {
+            out.push(self.wait(i).await?);
+        }
+        Ok(out)
+    }
+}
+
+impl Converter {
+    /// Starts reading the image's layer summaries, `parallel` layers at a time, top layer first:
+    /// one at a time when a merge runs beside them (the merge needs the cores), more when nothing
+    /// else does.
+    pub(super) fn summaries(
         &self,
         image: &ResolvedImage,
         credentials: &Credentials,
         alive: &Alive,
-    ) -> Result<Vec<Vec<Item>>, Error> {
+        parallel: usize,
+    ) -> Summaries {
+        let n = image.layers.len();
+        let (txs, slots): (Vec<_>, Vec<_>) = (0..n).map(|_| watch::channel(None)).unzip();
         let budget = Arc::new(Budget::default());
         let limits = self.config.limits;
-        let parallel = std::thread::available_parallelism()
-            .map_or(2, |n| n.get())
-            .clamp(2, 8);
         let scans: Vec<_> = image
             .layers
             .iter()
-            .map(|layer| {
+            .enumerate()
+            .rev()
+            .map(|(i, layer)| {
                 // Owned per layer, so each scan is a 'static future.
                 let (source, store, reference) = (
                     self.source.clone(),
@@ -85,33 +109,112 @@ impl Converter {
                 async move {
                     let hex = layer.digest.hex().to_string();
                     if let Some(items) = store.load_summary(&hex) {
-                        return Ok(items);
+                        return (i, Ok(Arc::new(items)));
                     }
-                    let stream = source
-                        .blob(&reference, &layer.digest, layer.size, &credentials)
+                    let scanned = async {
+                        let stream = source
+                            .blob(&reference, &layer.digest, layer.size, &credentials)
+                            .await
+                            .map_err(source_error)?;
+                        let (stream, _cancel) = cancellable(read_ahead(stream));
+                        let handle = Handle::current();
+                        let items = tokio::task::spawn_blocking(move || {
+                            let _alive = alive;
+                            let reader =
+                                SyncIoBridge::new_with_handle(StreamReader::new(stream), handle);
+                            scan_layer(layer.compression, reader, limits, budget)
+                        })
                         .await
-                        .map_err(source_error)?;
-                    let (stream, _cancel) = cancellable(read_ahead(stream));
-                    let handle = Handle::current();
-                    let items = tokio::task::spawn_blocking(move || {
-                        let _alive = alive;
-                        let reader =
-                            SyncIoBridge::new_with_handle(StreamReader::new(stream), handle);
-                        scan_layer(layer.compression, reader, limits, budget)
-                    })
-                    .await
-                    .map_err(|e| Error::Internal(e.to_string()))?
-                    .map_err(|e| layer_error(&layer.digest, e))?;
-                    store.save_summary(&hex, &items);
-                    Ok::<_, Error>(items)
+                        .map_err(|e| Error::Internal(e.to_string()))?
+                        .map_err(|e| layer_error(&layer.digest, e))?;
+                        store.save_summary(&hex, &items);
+                        Ok::<_, Error>(Arc::new(items))
+                    };
+                    (i, scanned.await)
                 }
             })
             .collect();
-        futures::stream::iter(scans)
-            .buffered(parallel)
-            .try_collect()
-            .await
+        let task = tokio::spawn(async move {
+            let mut results = futures::stream::iter(scans).buffered(parallel.max(1));
+            while let Some((i, result)) = results.next().await {
+                let failed = result.is_err();
+                let _ = txs[i].send(Some(result));
+                if failed {
+                    return;
+                }
+            }
+        });
+        Summaries {
+            slots,
+            task: Some(task),
+        }
     }
+
+    /// Waits for the top layer's summary: the merge's first need, and the first layer whose faults
+    /// can still be told with an HTTP status.
+    pub(super) async fn top_summary(
+        &self,
+        image: &ResolvedImage,
+        summaries: &Summaries,
+    ) -> Result<(), Error> {
+        match image.layers.len() {
+            0 => Ok(()),
+            n => summaries.wait(n - 1).await.map(drop),
+        }
+    }
+
+    /// The exact merged size: remembered, or from every layer's summary (read `parallel` at a time).
+    pub(super) async fn exact_size(
+        &self,
+        image: &ResolvedImage,
+        summaries: &Summaries,
+    ) -> Result<u64, Error> {
+        let manifest_hex = image.manifest_digest.hex().to_string();
+        if let Some(size) = self.store.load_size(&manifest_hex) {
+            return Ok(size);
+        }
+        let all = summaries.all().await?;
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || {
+            let refs: Vec<&[Item]> = all.iter().map(|s| &s[..]).collect();
+            let size =
+                summary::merged_size(&refs).map_err(|e| Error::InvalidImage(e.to_string()))?;
+            store.save_size(&manifest_hex, size);
+            Ok(size)
+        })
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))?
+    }
+}
+
+impl Summaries {
+    /// Remembers the image's exact merged size once a conversion of it has succeeded (all its
+    /// summaries are in then): later requests announce it, unpadded. Not before: a first download
+    /// that was cut must find the same bytes to resume.
+    pub(super) fn remember_size(
+        &self,
+        store: &summary::Store,
+        manifest_hex: &str,
+        handle: &Handle,
+    ) {
+        if store.load_size(manifest_hex).is_some() {
+            return;
+        }
+        let Ok(all) = handle.block_on(self.all()) else {
+            return;
+        };
+        let refs: Vec<&[Item]> = all.iter().map(|s| &s[..]).collect();
+        if let Ok(size) = summary::merged_size(&refs) {
+            store.save_size(manifest_hex, size);
+        }
+    }
+}
+
+/// Layers read at once by a sizing pre-pass that runs alone.
+pub(super) fn prepass_parallelism() -> usize {
+    std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(2, 8)
 }
 
 /// Scans a layer blob's decompressed tar into its summary. When the content is at fault, the rest of

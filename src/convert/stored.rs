@@ -325,7 +325,8 @@ impl Converter {
             None => manifest::resolve_for(&self.source, &image, None, &credentials, limits).await,
         }
         .map_err(super::error::source_error)?;
-        let (_, hints) = self.analyse(&image, &credentials, false, &alive).await?;
+        let summaries = self.summaries(&image, &credentials, &alive, 1);
+        self.top_summary(&image, &summaries).await?;
         let compression = self.config.wire_compression;
         let source = format!("{}@{}", image.reference.name(), image.manifest_digest);
         let config = image.config.clone();
@@ -335,7 +336,7 @@ impl Converter {
             reference: image.reference.clone(),
             credentials,
             image,
-            hints,
+            summaries,
             output: Output::Layer,
             limits: self.config.limits,
             _alive: alive,

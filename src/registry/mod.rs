@@ -182,18 +182,29 @@ impl Client {
         accept: Option<&str>,
         credentials: &Credentials,
     ) -> Result<(String, Response), RegistryError> {
+        let mut headers = HeaderMap::new();
+        if let Some(a) = accept {
+            headers.insert(
+                ACCEPT,
+                HeaderValue::from_str(a).expect("static accept value"),
+            );
+        }
+        self.get_with(reference, path, headers, credentials).await
+    }
+
+    async fn get_with(
+        &self,
+        reference: &Reference,
+        path: &str,
+        base: HeaderMap,
+        credentials: &Credentials,
+    ) -> Result<(String, Response), RegistryError> {
         let url = self.url(reference, path);
         let (credentials, principal) = self.principal(reference, credentials);
         let key = TokenKey::new(&reference.registry, &reference.repository, principal);
         let mut auth = self.tokens.get(&key).map(|t| format!("Bearer {t}"));
         for attempt in 0..2 {
-            let mut headers = HeaderMap::new();
-            if let Some(a) = accept {
-                headers.insert(
-                    ACCEPT,
-                    HeaderValue::from_str(a).expect("static accept value"),
-                );
-            }
+            let mut headers = base.clone();
             if let Some(a) = &auth {
                 let value = HeaderValue::from_str(a)
                     .map_err(|_| RegistryError::Unauthorized("malformed credentials".into()))?;
@@ -427,6 +438,38 @@ impl Client {
             size,
             self.idle_timeout,
         ))
+    }
+
+    /// Bytes `range` of a blob, unverified (a blob's digest covers all of it): `None` when the
+    /// registry answers with the whole blob instead, as one that ignores `Range` does.
+    pub async fn blob_range(
+        &self,
+        reference: &Reference,
+        digest: &Digest,
+        range: std::ops::Range<u64>,
+        credentials: &Credentials,
+    ) -> Result<Option<Bytes>, RegistryError> {
+        if range.is_empty() {
+            return Ok(Some(Bytes::new()));
+        }
+        let mut headers = HeaderMap::new();
+        let value = format!("bytes={}-{}", range.start, range.end - 1);
+        headers.insert(
+            reqwest::header::RANGE,
+            HeaderValue::from_str(&value).expect("ascii range"),
+        );
+        let (url, resp) = self
+            .get_with(reference, &format!("blobs/{digest}"), headers, credentials)
+            .await?;
+        if resp.status() != StatusCode::PARTIAL_CONTENT {
+            return Ok(None);
+        }
+        let want = range.end - range.start;
+        match read_limited(resp, want, self.idle_timeout).await {
+            Ok(body) if body.len() as u64 == want => Ok(Some(Bytes::from(body))),
+            Ok(_) | Err(BodyError::TooLarge(_)) => Ok(None),
+            Err(e) => Err(RegistryError::Upstream(format!("{url}: {e}"))),
+        }
     }
 }
 

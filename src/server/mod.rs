@@ -466,20 +466,27 @@ async fn squash(
         })
         .await?;
     let file = format!("{}.tar", file_name(&name));
-    let etag = planned.etag.clone();
+    // Stored bytes keep the validator they were made with: how their layer was sized then (an
+    // upper bound, or exactly) may not be how it would be sized now.
+    let stored = state.converter.stored_squash(&planned).await;
+    let etag = match stored.as_ref().and_then(|s| s.etag.clone()) {
+        Some(etag) => etag,
+        None => planned.etag.clone(),
+    };
     let headers = || tar_headers(&etag, &file);
-    // Known from the manifest alone: no layer is read, not even to size them.
-    if not_modified(req, &planned.etag) {
+    // Known from the manifest (and the store) alone: no layer is read, not even to size them.
+    if not_modified(req, &etag) {
         return Ok(not_modified_response(headers()));
     }
     // A stored response holds no conversion slot: the permit is dropped with this function.
-    if let Some(stored) = state.converter.stored_squash(&planned).await {
+    if let Some(stored) = stored {
         let resp = tarball::stored(req, &state.converter, headers(), &etag, &stored);
         if let Some(resp) = resp.await? {
             return Ok(resp);
         }
     }
-    let headers = headers();
+    let headers = tar_headers(&planned.etag, &file);
+    let etag = planned.etag.clone();
     // HEAD needs the length: remembered, or sized by a pre-pass; the conversion itself never starts.
     let prepared = state.converter.prepare_planned(planned).await?;
     let size = prepared.content_length;

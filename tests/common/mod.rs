@@ -153,6 +153,19 @@ pub fn listing<R: Read>(tar: R) -> BTreeMap<String, String> {
     listing_under(tar, "")
 }
 
+/// The listing of a docker-load archive's squashed layer: what two archives of one image share
+/// whether their layer member was sized exactly or padded to a bound.
+pub fn squash_listing(archive: &[u8]) -> BTreeMap<String, String> {
+    let mut tar = tar::Archive::new(archive);
+    for entry in tar.entries().unwrap() {
+        let entry = entry.unwrap();
+        if entry.path().unwrap().ends_with("layer.tar") {
+            return listing(entry);
+        }
+    }
+    panic!("no layer.tar in the archive");
+}
+
 /// [`listing`] of the entries under `prefix` (an ACI's `rootfs/`), paths and hardlink targets taken
 /// relative to it; entries elsewhere are left out.
 pub fn listing_under<R: Read>(tar: R, prefix: &str) -> BTreeMap<String, String> {

@@ -64,6 +64,8 @@ pub struct Request {
     /// Response body bytes sent to strata so far.
     pub body_bytes: u64,
     pub outcome: Outcome,
+    /// Asked for part of a blob (`Range`): strata's probes of a layer's ends, which faults spare.
+    pub ranged: bool,
 }
 
 #[derive(Default)]
@@ -113,13 +115,14 @@ impl Proxy {
         self.state.lock().unwrap().authorization = Some(value.to_string());
     }
 
-    /// The requests whose path contains `fragment`, oldest first.
+    /// The requests whose path contains `fragment`, oldest first; ranged ones (a layer's ends,
+    /// probed for its size) left out.
     pub fn requests(&self, fragment: &str) -> Vec<Request> {
         let state = self.state.lock().unwrap();
         state
             .log
             .iter()
-            .filter(|r| r.path.contains(fragment))
+            .filter(|r| !r.ranged && r.path.contains(fragment))
             .cloned()
             .collect()
     }
@@ -193,12 +196,13 @@ fn serve(mut client: TcpStream, upstream: &str, state: &Mutex<State>) {
     let mut parts = line.split(' ');
     let method = parts.next().unwrap_or_default().to_string();
     let path = parts.next().unwrap_or_default().to_string();
+    let ranged = header(&head, "range").is_some();
     let (index, fault, authorization) = {
         let mut s = state.lock().unwrap();
         let fault = s
             .rules
             .iter_mut()
-            .find(|r| path.contains(&r.path_contains) && r.times != Some(0))
+            .find(|r| !ranged && path.contains(&r.path_contains) && r.times != Some(0))
             .map(|r| {
                 if let Some(n) = r.times.as_mut() {
                     *n -= 1;
@@ -213,6 +217,7 @@ fn serve(mut client: TcpStream, upstream: &str, state: &Mutex<State>) {
             ended: None,
             body_bytes: 0,
             outcome: Outcome::InProgress,
+            ranged,
         });
         (s.log.len() - 1, fault, s.authorization.clone())
     };
