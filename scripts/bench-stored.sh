@@ -3,7 +3,8 @@
 # measured with curl to /dev/null against reading the stored blob itself (`cat`; `curl file://`, the
 # same client without HTTP; and a minimal HTTP server that answers with sendfile(2), the ceiling of
 # HTTP over loopback to curl). No registry: the image is an OCI layout of one uncompressed layer of
-# four 256 MiB files of random bytes.
+# four 256 MiB files of random bytes. The same repeats from a store on S3 (moto's server on loopback,
+# as the tests run it: `--store s3://…`), the reference being the same store on disk.
 #
 #   scripts/bench-stored.sh [RUNS]      # default 5 runs of each; prints a table
 set -euo pipefail
@@ -13,8 +14,10 @@ cargo build --release --bin strata
 work=$(mktemp -d /tmp/strata-bench-stored.XXXXXX)
 server_pid=
 sendfile_pid=
+s3_pid=
+moto_pid=
 cleanup() {
-  for p in $server_pid $sendfile_pid; do kill "$p" 2>/dev/null && wait "$p" 2>/dev/null; done
+  for p in $server_pid $sendfile_pid $s3_pid $moto_pid; do kill "$p" 2>/dev/null && wait "$p" 2>/dev/null; done
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -97,6 +100,22 @@ cat=$(for _ in $(seq "$runs"); do
   python3 -c "print(f'{$e - $s:.4f}')"
 done | median)
 
+# The same from a store on S3 (moto), converted there once.
+. scripts/lib.sh
+s3_port=$(free_port)
+python3 -m moto.server -H 127.0.0.1 -p "$s3_port" >"$work/moto.log" 2>&1 &
+moto_pid=$!
+for _ in $(seq 50); do curl -fsS -o /dev/null -X PUT "http://127.0.0.1:$s3_port/bench" 2>/dev/null && break; sleep 0.2; done
+AWS_ENDPOINT_URL="http://127.0.0.1:$s3_port" AWS_ALLOW_HTTP=true AWS_REGION=us-east-1 \
+  AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench \
+  target/release/strata serve --listen 127.0.0.1:0 --oci-layout "$work/layout" \
+  --cache-dir "$work/cache-s3" --store s3://bench/strata 2>"$work/strata-s3.log" &
+s3_pid=$!
+for _ in $(seq 100); do grep -q "listening on" "$work/strata-s3.log" && break; sleep 0.1; done
+s3_url=$(sed -n 's/^strata: listening on //p' "$work/strata-s3.log")/squash/big:v1
+s3_first=$(timed "$s3_url")
+s3_stored=$(for _ in $(seq "$runs"); do timed "$s3_url"; done | median)
+
 echo "stored tarball repeat, $(date -u +%FT%TZ), $(nproc) cores, $bytes bytes, median of $runs"
 echo
 echo "| what | seconds | MB/s | vs cat |"
@@ -104,6 +123,9 @@ echo "| --- | --- | --- | --- |"
 printf '| first GET (converted, stored) | %s | %s | |\n' "$first" "$(mbs "$bytes" "$first")"
 printf '| repeat GET, curl to /dev/null | %s | %s | %s |\n' "$stored" "$(mbs "$bytes" "$stored")" \
   "$(python3 -c "print(f'{$cat / $stored:.2f}')")"
+printf '| S3 store (moto): first GET (converted, stored) | %s | %s | |\n' "$s3_first" "$(mbs "$bytes" "$s3_first")"
+printf '| S3 store (moto): repeat GET | %s | %s | %s |\n' "$s3_stored" "$(mbs "$bytes" "$s3_stored")" \
+  "$(python3 -c "print(f'{$cat / $s3_stored:.2f}')")"
 printf '| sendfile(2) HTTP server, curl to /dev/null | %s | %s | %s |\n' "$sendfile" \
   "$(mbs "$bytes" "$sendfile")" "$(python3 -c "print(f'{$cat / $sendfile:.2f}')")"
 printf '| curl file:// of the stored blob | %s | %s | %s |\n' "$file" "$(mbs "$bytes" "$file")" \
