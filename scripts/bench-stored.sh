@@ -17,7 +17,11 @@ sendfile_pid=
 s3_pid=
 moto_pid=
 cleanup() {
-  for p in $server_pid $sendfile_pid $s3_pid $moto_pid; do kill "$p" 2>/dev/null && wait "$p" 2>/dev/null; done
+  # `|| true`: under `set -e` a killed child's status (143) from `wait` would end the trap early and
+  # leave the other servers running.
+  for p in $server_pid $sendfile_pid $s3_pid $moto_pid; do
+    kill "$p" 2>/dev/null && wait "$p" 2>/dev/null || true
+  done
   rm -rf "$work"
 }
 trap cleanup EXIT
