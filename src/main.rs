@@ -46,6 +46,17 @@ fn stderr_is_terminal() -> bool {
     std::io::IsTerminal::is_terminal(&std::io::stderr())
 }
 
+/// The CLI's bar of layer bytes read: drawn on a terminal, unless `--quiet`.
+fn progress_bar(
+    converter: &Converter,
+    layer_bytes: u64,
+    quiet: bool,
+    logs: &strata::progress::Stderr,
+) -> Progress {
+    let shown = !quiet && stderr_is_terminal();
+    Progress::new(converter.metrics().clone(), layer_bytes, shown, logs)
+}
+
 async fn run(cli: Cli, logs: strata::progress::Stderr) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve {
@@ -128,13 +139,7 @@ async fn run(cli: Cli, logs: strata::progress::Stderr) -> anyhow::Result<()> {
             };
             let failed = |e: strata::convert::Error| anyhow::anyhow!("{}: {e}", e.code());
             let planned = converter.plan(request).await.map_err(failed)?;
-            let shown = !quiet && stderr_is_terminal();
-            let progress = Progress::new(
-                converter.metrics().clone(),
-                planned.layer_bytes(),
-                shown,
-                &logs,
-            );
+            let progress = progress_bar(&converter, planned.layer_bytes(), quiet, &logs);
             progress.phase("sizing");
             let prepared = converter.prepare_planned(planned).await.map_err(failed)?;
             progress.phase("converting");
@@ -171,13 +176,7 @@ async fn run(cli: Cli, logs: strata::progress::Stderr) -> anyhow::Result<()> {
             };
             let failed = |e: strata::convert::Error| anyhow::anyhow!("{}: {e}", e.code());
             let planned = converter.plan_aci(request.clone()).await.map_err(failed)?;
-            let shown = !quiet && stderr_is_terminal();
-            let progress = Progress::new(
-                converter.metrics().clone(),
-                planned.layer_bytes(),
-                shown,
-                &logs,
-            );
+            let progress = progress_bar(&converter, planned.layer_bytes(), quiet, &logs);
             progress.phase("scanning");
             let prepared = converter
                 .prepare_planned_aci(planned)

@@ -97,14 +97,14 @@ impl Job {
             let _timed = self._alive.time(format);
             let mut out = ChannelWriter::new(tx.clone());
             out.set_tee(tee.as_ref().and_then(Tee::writer));
-            let result = self.run(&mut out, &handle).and_then(|()| {
+            let result = self.run(&mut out, &handle).and_then(|merged| {
                 // Remembered and published before the last bytes leave: a client that has them
-                // all and asks again is served the stored copy, or else an exact size.
-                self.summaries.remember_size(
-                    &self.store,
-                    self.image.manifest_digest.hex(),
-                    &handle,
-                );
+                // all and asks again is served the stored copy, or else an exact size. Not
+                // before the conversion has succeeded: a cut first download must find the same
+                // (bound) bytes to resume.
+                if let (Some(size), Output::Docker { bounded: true, .. }) = (merged, &self.output) {
+                    self.store.save_size(self.image.manifest_digest.hex(), size);
+                }
                 if let Some(tee) = tee {
                     tee.publish(out.take_tee(), out.position());
                 }
@@ -165,13 +165,15 @@ impl Job {
         }))
     }
 
-    fn run(&self, out: &mut ChannelWriter, handle: &Handle) -> io::Result<()> {
+    /// Writes the output; for a docker archive, returns the merged layer's exact size (its content
+    /// before the padding).
+    fn run(&self, out: &mut ChannelWriter, handle: &Handle) -> io::Result<Option<u64>> {
         match &self.output {
-            Output::Docker { archive, .. } => self.run_docker(archive, out, handle),
-            Output::Layer => self.write_layer(out, handle),
-            Output::Aci { archive, signing } => {
-                self.run_aci(archive, signing.as_ref(), out, handle)
-            }
+            Output::Docker { archive, .. } => self.run_docker(archive, out, handle).map(Some),
+            Output::Layer => self.write_layer(out, handle).map(|()| None),
+            Output::Aci { archive, signing } => self
+                .run_aci(archive, signing.as_ref(), out, handle)
+                .map(|()| None),
         }
     }
 
@@ -180,7 +182,7 @@ impl Job {
         archive: &DockerArchive,
         out: &mut ChannelWriter,
         handle: &Handle,
-    ) -> io::Result<()> {
+    ) -> io::Result<u64> {
         archive.write_head(out)?;
         // The first byte leaves now, not when a chunk fills: the client learns the transfer has begun.
         out.flush()?;
@@ -189,9 +191,11 @@ impl Job {
         let mut sink = TarSink(&mut layer_out);
         self.merge_layers(&mut sink, handle)?;
         entry::write_end(&mut sink.0)?;
+        let merged = layer_out.written();
         layer_out.finish()?;
         let diff_id = String::from_utf8(out.finish_tap()?).expect("hex digest");
-        archive.write_tail(out, &diff_id)
+        archive.write_tail(out, &diff_id)?;
+        Ok(merged)
     }
 
     /// The merged layer as a tar, ended, into `out`.

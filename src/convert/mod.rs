@@ -96,6 +96,8 @@ pub struct Planned {
     reference: Reference,
     credentials: Credentials,
     image: ResolvedImage,
+    /// How its layer member is sized: decided once, as the ETag names it.
+    sizing: bound::Sizing,
     /// What the bytes are stored under.
     key: crate::store::ArtifactKey,
     alive: Alive,

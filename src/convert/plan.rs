@@ -49,6 +49,7 @@ impl Converter {
         };
         let alive = self.conversions.start();
         let image = self.resolve(&reference, &platform, &credentials).await?;
+        let sizing = self.sizing(&image);
         let id = hex::encode(Sha256::digest(format!(
             "{}\nsquash\n{}",
             version::OUTPUT,
@@ -57,7 +58,7 @@ impl Converter {
         let etag = hex::encode(Sha256::digest(format!(
             "{id}\n{}\n{}",
             repo_tag.as_deref().unwrap_or(""),
-            self.sizing(&image).tag()
+            sizing.tag()
         )));
         let key = cached::squash_key(
             &image.manifest_digest,
@@ -71,6 +72,7 @@ impl Converter {
             reference,
             credentials,
             image,
+            sizing,
             key,
             alive,
         })
@@ -88,10 +90,10 @@ impl Converter {
             reference,
             credentials,
             image,
+            sizing,
             key,
             alive,
         } = planned;
-        let sizing = self.sizing(&image);
         let parallel = match sizing {
             Sizing::Exact => prepass_parallelism(),
             Sizing::Known(_) | Sizing::Bound => 1,
@@ -102,7 +104,7 @@ impl Converter {
             Sizing::Exact => self.exact_size(&image, &summaries).await?,
             Sizing::Bound => self.bound(&image, &credentials, &summaries).await?,
         };
-        self.top_summary(&image, &summaries).await?;
+        summaries.top().await?;
         let source = format!("{}@{}", reference.name(), image.manifest_digest);
         let archive = DockerArchive::new(id, layer_size, image.config.clone(), repo_tag, source);
         let content_length = archive.total_len();
@@ -235,7 +237,7 @@ impl Converter {
             alive,
         } = planned;
         let summaries = self.summaries(&image, &request.credentials, &alive, 1);
-        self.top_summary(&image, &summaries).await?;
+        summaries.top().await?;
         tracing::info!(
             image = %request.reference,
             manifest = %image.manifest_digest,

@@ -63,6 +63,15 @@ impl Summaries {
         })
     }
 
+    /// Waits for the top layer's summary: the merge's first need, and the one layer whose faults
+    /// are still told with an HTTP status (before the first byte).
+    pub(super) async fn top(&self) -> Result<(), Error> {
+        match self.slots.len() {
+            0 => Ok(()),
+            n => self.wait(n - 1).await.map(drop),
+        }
+    }
+
     /// Every summary, bottom first.
     pub(super) async fn all(&self) -> Result<Vec<Arc<Vec<Item>>>, Error> {
         let mut out = Vec::with_capacity(self.slots.len());
@@ -150,19 +159,6 @@ impl Converter {
         }
     }
 
-    /// Waits for the top layer's summary: the merge's first need, and the first layer whose faults
-    /// can still be told with an HTTP status.
-    pub(super) async fn top_summary(
-        &self,
-        image: &ResolvedImage,
-        summaries: &Summaries,
-    ) -> Result<(), Error> {
-        match image.layers.len() {
-            0 => Ok(()),
-            n => summaries.wait(n - 1).await.map(drop),
-        }
-    }
-
     /// The exact merged size: remembered, or from every layer's summary (read `parallel` at a time).
     pub(super) async fn exact_size(
         &self,
@@ -184,29 +180,6 @@ impl Converter {
         })
         .await
         .map_err(|e| Error::Internal(e.to_string()))?
-    }
-}
-
-impl Summaries {
-    /// Remembers the image's exact merged size once a conversion of it has succeeded (all its
-    /// summaries are in then): later requests announce it, unpadded. Not before: a first download
-    /// that was cut must find the same bytes to resume.
-    pub(super) fn remember_size(
-        &self,
-        store: &summary::Store,
-        manifest_hex: &str,
-        handle: &Handle,
-    ) {
-        if store.load_size(manifest_hex).is_some() {
-            return;
-        }
-        let Ok(all) = handle.block_on(self.all()) else {
-            return;
-        };
-        let refs: Vec<&[Item]> = all.iter().map(|s| &s[..]).collect();
-        if let Ok(size) = summary::merged_size(&refs) {
-            store.save_size(manifest_hex, size);
-        }
     }
 }
 

@@ -326,7 +326,7 @@ impl Converter {
         }
         .map_err(super::error::source_error)?;
         let summaries = self.summaries(&image, &credentials, &alive, 1);
-        self.top_summary(&image, &summaries).await?;
+        summaries.top().await?;
         let compression = self.config.wire_compression;
         let source = format!("{}@{}", image.reference.name(), image.manifest_digest);
         let config = image.config.clone();

@@ -157,6 +157,11 @@ impl<W: Write> LayerWriter<W> {
         }
     }
 
+    /// Content bytes written so far (the padding not counted).
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
     /// Pads to the announced size; returns the writer.
     pub fn finish(mut self) -> io::Result<W> {
         let rest = self.limit - self.written;
