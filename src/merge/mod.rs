@@ -10,12 +10,15 @@
 //! - for a link to an earlier file of the same layer, the merger must know when it meets that file that a
 //!   link will follow: [`LayerHints`], computed from the layer's summary, tell it.
 
+mod hints;
 pub mod index;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::io::{self, Read};
 
 use crate::entry::{self, EntryMeta, Item, Kind};
+use hints::{Source, Watch};
+pub use hints::{LayerHints, NeedsSummary};
 use index::Index;
 
 /// Mode extractors give the parents they create (docker's and containerd's MkdirAll).
@@ -65,6 +68,8 @@ pub enum MergeError {
     #[error(transparent)]
     Entry(#[from] entry::EntryError),
     #[error("{0}")]
+    NeedsSummary(#[from] NeedsSummary),
+    #[error("{0}")]
     Io(#[from] io::Error),
 }
 
@@ -79,120 +84,6 @@ impl From<MergeError> for io::Error {
 
 fn lossy(p: &[u8]) -> String {
     String::from_utf8_lossy(p).into_owned()
-}
-
-/// Where a same-layer hardlink's content comes from, when it is not simply its target path in the
-/// layers below.
-#[derive(Debug, Clone)]
-enum Source {
-    /// The entry at this ordinal of the same layer (a file, symlink, device or fifo).
-    Here(u32),
-    /// This path of the layers below (a link to a link of this layer that points down).
-    Lower(Vec<u8>),
-    /// A directory of the same layer: an error if the link survives.
-    Dir,
-}
-
-/// What the merge of one layer must know before reading it, derived from the layer's summary.
-/// Entries are named by ordinal: their position among the layer's items (the same in the summary and
-/// in the tar, as both come from [`entry::read_item`]).
-#[derive(Debug, Default, Clone)]
-pub struct LayerHints {
-    /// Entries a later entry of the same layer replaces, extracted in order: an earlier occurrence of
-    /// the same path (the last one wins), or anything below a path the layer later makes a
-    /// non-directory (docker and containerd remove the directory, own children and all).
-    superseded: HashSet<u32>,
-    /// Same-layer hardlink groups: ordinal of the entry holding the content → paths of the surviving
-    /// links that share it (links to links included), in layer order.
-    groups: HashMap<u32, Vec<Vec<u8>>>,
-    /// Surviving links (by ordinal) whose content is not their target path in lower layers.
-    sources: HashMap<u32, Source>,
-}
-
-impl LayerHints {
-    pub fn from_items(items: &[Item]) -> LayerHints {
-        let mut hints = LayerHints::default();
-        // Forward: each path's latest occurrence, where each link's content comes from, and which
-        // paths already had entries below them when the layer makes them a non-directory.
-        let mut latest: HashMap<&[u8], u32> = HashMap::new();
-        let mut parents: HashSet<&[u8]> = HashSet::new();
-        let mut cuts: HashMap<&[u8], u32> = HashMap::new();
-        let mut links: Vec<(u32, Source)> = Vec::new();
-        let mut link_source: HashMap<u32, Source> = HashMap::new();
-        for (i, item) in items.iter().enumerate() {
-            let Item::Entry(m) = item else { continue };
-            let i = i as u32;
-            if m.kind == Kind::Hardlink {
-                let source = match latest.get(&m.link[..]) {
-                    None => Source::Lower(m.link.clone()),
-                    Some(&k) => match &items[k as usize] {
-                        Item::Entry(t) if t.kind == Kind::Hardlink => link_source[&k].clone(),
-                        Item::Entry(t) if t.kind == Kind::Dir => Source::Dir,
-                        _ => Source::Here(k),
-                    },
-                };
-                link_source.insert(i, source.clone());
-                links.push((i, source));
-            }
-            if let Some(prev) = latest.insert(&m.path, i) {
-                hints.superseded.insert(prev);
-            }
-            if m.kind != Kind::Dir && parents.contains(&m.path[..]) {
-                cuts.insert(&m.path, i);
-            }
-            // Deepest first: once a parent is known, so are its own parents.
-            let mut p = &m.path[..];
-            while let Some(slash) = p.iter().rposition(|&b| b == b'/') {
-                p = &p[..slash];
-                if !parents.insert(p) {
-                    break;
-                }
-            }
-        }
-        if !cuts.is_empty() {
-            for (i, item) in items.iter().enumerate() {
-                let Item::Entry(m) = item else { continue };
-                let i = i as u32;
-                let cut =
-                    m.path.iter().enumerate().any(|(at, &b)| {
-                        b == b'/' && cuts.get(&m.path[..at]).is_some_and(|&j| j > i)
-                    });
-                if cut {
-                    hints.superseded.insert(i);
-                }
-            }
-        }
-        for (i, source) in links {
-            if hints.superseded.contains(&i) {
-                continue;
-            }
-            let Item::Entry(m) = &items[i as usize] else {
-                unreachable!("links are entries")
-            };
-            match source {
-                Source::Here(k) => {
-                    hints.groups.entry(k).or_default().push(m.path.clone());
-                    hints.sources.insert(i, Source::Here(k));
-                }
-                Source::Lower(t) if t == m.link => {}
-                other => {
-                    hints.sources.insert(i, other);
-                }
-            }
-        }
-        hints
-    }
-
-    fn superseded(&self, ordinal: u32) -> bool {
-        !self.superseded.is_empty() && self.superseded.contains(&ordinal)
-    }
-
-    fn group(&self, ordinal: u32) -> Option<&Vec<Vec<u8>>> {
-        if self.groups.is_empty() {
-            return None;
-        }
-        self.groups.get(&ordinal)
-    }
 }
 
 /// A hardlink waiting for its target to come up from a lower layer.
@@ -210,6 +101,8 @@ pub struct Merger {
     pending: HashMap<Vec<u8>, Vec<Pending>>,
     depth: u32,
     hints: LayerHints,
+    /// Set when the current layer is merged without its summary.
+    watch: Option<Watch>,
     /// Ordinal of the next item of the current layer.
     ordinal: u32,
     /// For link groups of the current layer, by the ordinal of the entry holding the content: the
@@ -222,12 +115,20 @@ impl Merger {
         Merger::default()
     }
 
-    /// Starts the next layer down (the first call starts the top layer).
+    /// Starts the next layer down (the first call starts the top layer), knowing its hints.
     pub fn begin_layer(&mut self, depth: u32, hints: LayerHints) {
         self.depth = depth;
         self.hints = hints;
+        self.watch = None;
         self.ordinal = 0;
         self.out_names.clear();
+    }
+
+    /// Starts the next layer down without its summary: the merge learns the layer as it goes, and
+    /// fails with [`NeedsSummary`] where the hints would have changed its output.
+    pub fn begin_watched(&mut self, depth: u32) {
+        self.begin_layer(depth, LayerHints::default());
+        self.watch = Some(Watch::default());
     }
 
     /// Feeds one member of the current layer.
@@ -239,6 +140,11 @@ impl Merger {
     ) -> Result<(), MergeError> {
         let ordinal = self.ordinal;
         self.ordinal += 1;
+        if let Some(watch) = &mut self.watch {
+            if let Some(source) = watch.observe(&item, ordinal)? {
+                self.hints.sources.insert(ordinal, source);
+            }
+        }
         match item {
             Item::Whiteout(path) => self.index.whiteout(&path, self.depth),
             Item::Opaque(dir) => self.index.opaque(&dir, self.depth),
@@ -275,6 +181,14 @@ impl Merger {
         }
         if is_dir {
             if let Some(p) = self.take_pending(&meta.path).first() {
+                if self.watch.is_some() {
+                    // A later entry of the layer may replace the directory, and be the target.
+                    return Err(NeedsSummary {
+                        path: lossy(&meta.path),
+                        why: "is a directory an upper layer's link names",
+                    }
+                    .into());
+                }
                 return Err(MergeError::LinkToDir {
                     link: lossy(&p.link.path),
                     target: lossy(&meta.path),
@@ -289,7 +203,8 @@ impl Merger {
         let same_layer = self.hints.group(ordinal).cloned();
         if visible {
             sink.entry(&meta, content)?;
-            if same_layer.is_some() {
+            // Watching, any later link of the layer may name it.
+            if same_layer.is_some() || self.watch.is_some() {
                 self.out_names.insert(ordinal, Some(meta.path.clone()));
             }
             for p in waiting {
@@ -407,6 +322,15 @@ impl Merger {
         let resolved = self.out_names.get(&here).cloned().flatten();
         let waiting = self.take_pending(&meta.path);
         let Some(target) = resolved else {
+            if (visible || !waiting.is_empty()) && self.watch.is_some() {
+                // The hints would have sent the target's content out under a link's name when the
+                // merge met it: too late now.
+                return Err(NeedsSummary {
+                    path: lossy(&meta.path),
+                    why: "links to a file of its own layer that an upper layer hid",
+                }
+                .into());
+            }
             if visible || !waiting.is_empty() {
                 return Err(MergeError::DanglingLink {
                     link: lossy(&meta.path),

@@ -292,6 +292,7 @@ const SEEDS: u64 = 3000;
 fn random_layer_stacks_match_the_model() {
     let names = ["a", "b", "a/x", "a/y", "b/x", "a/x/z", "c"];
     let kinds = [Kind::File, Kind::Char, Kind::Block, Kind::Fifo];
+    let mut watched = [0u64; 2];
     for seed in 1..SEEDS {
         let mut rng = Rng(seed.wrapping_mul(0x9E3779B97F4A7C15) | 1);
         let mut layers: Vec<L> = Vec::new();
@@ -328,8 +329,10 @@ fn random_layer_stacks_match_the_model() {
                 layers.push(layer);
             }
         }
-        let result = std::panic::catch_unwind(|| check(&layers));
-        if result.is_err() {
+        let result = std::panic::catch_unwind(|| check_watched(&layers));
+        if let Ok((_, w)) = result {
+            watched[w as usize] += 1;
+        } else {
             for (i, l) in layers.iter().enumerate() {
                 eprintln!(
                     "layer {i}: {:?}",
@@ -339,6 +342,12 @@ fn random_layer_stacks_match_the_model() {
             panic!("seed {seed} failed");
         }
     }
+    // Both ways are walked: merges a cold conversion streams at once, and ones it must stop.
+    let [stopped, streamed] = watched;
+    assert!(
+        streamed > SEEDS / 4 && stopped > SEEDS / 20,
+        "{streamed} streamed, {stopped} stopped"
+    );
 }
 
 fn links_to_dirs(fs: &Fs, layer: &L) -> bool {
@@ -350,5 +359,45 @@ fn describe(i: &Item) -> String {
         Item::Whiteout(p) => format!("wh {}", lossy(p)),
         Item::Opaque(p) => format!("opq {}", lossy(p)),
         Item::Entry(m) => format!("{:?} {} {}", m.kind, lossy(&m.path), lossy(&m.link)),
+    }
+}
+
+/// A cold conversion merges without summaries: the common layers go through at once, and each kind
+/// of layer whose hints matter stops the merge (to be sized exactly and merged with them).
+#[test]
+fn watched_merges_stream_the_common_cases_and_stop_for_the_rest() {
+    let streams = [
+        vec![L::default()
+            .file("bin/busybox", "bb")
+            .hardlink("bin/sh", "bin/busybox")
+            .hardlink("bin/ls", "bin/sh")],
+        vec![
+            L::default().file("t", "old").hardlink("l", "t"),
+            L::default().hardlink("m", "t").whiteout("l"),
+        ],
+        vec![
+            L::default().dir("d", 0o755).file("d/x", "x").file("t", "t"),
+            L::default().opaque("d").file("d/y", "y").hardlink("u", "t"),
+        ],
+    ];
+    for layers in &streams {
+        assert!(check_watched(layers).1, "{:?}", layers.len());
+    }
+    let stops = [
+        ("a path twice", vec![L::default().file("a", "1").file("a", "2")]),
+        (
+            "a filled directory made a file",
+            vec![L::default().file("a/x", "1").file("a", "2")],
+        ),
+        (
+            "a link to its own file an upper layer hid",
+            vec![
+                L::default().file("t", "content").hardlink("l", "t"),
+                L::default().whiteout("t"),
+            ],
+        ),
+    ];
+    for (what, layers) in &stops {
+        assert!(!check_watched(layers).1, "{what}");
     }
 }

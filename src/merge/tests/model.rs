@@ -287,10 +287,38 @@ pub(super) fn merge_all(tars: &[Vec<u8>], short: bool) -> (Vec<Vec<Item>>, Vec<u
     (summaries, out)
 }
 
+/// Merges layers (bottom first) without their summaries, as a cold conversion does.
+pub(super) fn merge_watched(tars: &[Vec<u8>]) -> Result<Vec<u8>, MergeError> {
+    let mut merger = Merger::new();
+    let mut sink = TarSink(Vec::new());
+    for (depth, tar) in tars.iter().rev().enumerate() {
+        merger.begin_watched(depth as u32);
+        merge_tar(&mut merger, &tar[..], &mut sink)?;
+    }
+    merger.finish(&mut sink)?;
+    let mut out = sink.0;
+    write_end(&mut out)?;
+    Ok(out)
+}
+
 /// Merges layers (bottom first) through the real tar path and checks it against the model.
 pub(super) fn check(layers: &[L]) -> Fs {
+    check_watched(layers).0
+}
+
+/// [`check`], and whether the merge without summaries gave the same bytes (`true`) or stopped for
+/// them (`false`): it must do one or the other.
+pub(super) fn check_watched(layers: &[L]) -> (Fs, bool) {
     let tars: Vec<Vec<u8>> = layers.iter().map(L::tar).collect();
     let (summaries, out) = merge_all(&tars, false);
+    let watched = match merge_watched(&tars) {
+        Ok(bytes) => {
+            assert!(bytes == out, "a merge without summaries that succeeds must give the same bytes");
+            true
+        }
+        Err(MergeError::NeedsSummary(_)) => false,
+        Err(e) => panic!("a merge without summaries failed otherwise: {e}"),
+    };
     assert!(
         merge_all(&tars, true).1 == out,
         "short reads must give the same output"
@@ -329,5 +357,5 @@ pub(super) fn check(layers: &[L]) -> Fs {
     let mut got = Fs::new();
     apply(&mut got, &merged).unwrap();
     assert_eq!(got, want);
-    got
+    (got, watched)
 }
