@@ -125,9 +125,10 @@ pub fn told_size(
 }
 
 /// Fewest bytes `compressed` bytes of one gzip member or zstd frame decompress to: stored blocks
-/// grow by a few bytes per block, headers by at most a few hundred (file names, extra fields).
+/// grow by 5 bytes per block (zlib stores incompressible data 16 KiB at a time: 1/3277), headers by
+/// at most a few hundred (file names, extra fields).
 fn least_content(compressed: u64) -> u64 {
-    compressed.saturating_sub(compressed / 8192 + 1024)
+    compressed.saturating_sub(compressed / 2048 + 1024)
 }
 
 fn gzip_size(compressed: u64, tail: &[u8]) -> Option<u64> {

@@ -138,10 +138,13 @@ async fn run(cli: Cli, logs: strata::progress::Stderr) -> anyhow::Result<()> {
                 credentials,
             };
             let failed = |e: strata::convert::Error| anyhow::anyhow!("{}: {e}", e.code());
-            let planned = converter.plan(request).await.map_err(failed)?;
+            let planned = converter.plan(request.clone()).await.map_err(failed)?;
             let progress = progress_bar(&converter, planned.layer_bytes(), quiet, &logs);
             progress.phase("sizing");
-            let prepared = converter.prepare_planned(planned).await.map_err(failed)?;
+            let prepared = converter
+                .prepare_held(planned, request)
+                .await
+                .map_err(failed)?;
             progress.phase("converting");
             write_output(&output, prepared.body, Some(prepared.content_length)).await?;
             progress.finish();
@@ -179,7 +182,7 @@ async fn run(cli: Cli, logs: strata::progress::Stderr) -> anyhow::Result<()> {
             let progress = progress_bar(&converter, planned.layer_bytes(), quiet, &logs);
             progress.phase("scanning");
             let prepared = converter
-                .prepare_planned_aci(planned)
+                .prepare_held_aci(planned, request.clone())
                 .await
                 .map_err(failed)?;
             progress.phase("converting");

@@ -8,4 +8,4 @@
 //! old version.
 
 /// The converter's output version.
-pub const OUTPUT: &str = "strata-output-v4";
+pub const OUTPUT: &str = "strata-output-v5";

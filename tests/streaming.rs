@@ -211,7 +211,8 @@ fn a_registry_failing_after_the_first_byte_aborts_the_transfer() {
     let dir = scratch("upstream-dies");
 
     for (what, fault) in [
-        ("connection cut mid-blob", Fault::Truncate(1 << 20)),
+        // Past the bytes a response holds back before it starts.
+        ("connection cut mid-blob", Fault::Truncate(3 << 20)),
         ("bytes changed in flight", Fault::Corrupt(2 << 20)),
     ] {
         proxy.rule(&bottom[7..], fault, Some(1));
@@ -267,8 +268,9 @@ fn a_registry_failing_before_the_first_byte_is_a_json_502() {
 fn a_merged_layer_outgrowing_its_announced_size_aborts_and_the_next_request_succeeds() {
     let env = env();
     let server = Server::start(&env.registry, &[]);
+    // Larger than a response holds back before it starts: the oversize is met after the first byte.
     let image = Image::new(vec![(
-        Layer::new().file("f", 0o644, &noise(100 << 10, 3)),
+        Layer::new().file("f", 0o644, &noise(3 << 20, 3)),
         Comp::Gzip,
     )]);
     let r = publish(&env, "size-exceeded", vec![image]);
@@ -315,20 +317,15 @@ fn a_merged_layer_outgrowing_its_announced_size_aborts_and_the_next_request_succ
 }
 
 /// A bound is an estimate: a layer below the top one holding a sparse file (its blob tells the size
-/// of its data, the merged tar holds the file whole) makes it too small. The transfer aborts (no
-/// complete-looking archive), and the retry is sized exactly and whole.
+/// of its data, the merged tar holds the file whole) makes it too small. Past the bytes a response
+/// holds back, the transfer aborts (no complete-looking archive), and the retry is sized exactly and
+/// whole.
 #[test]
 fn a_merged_layer_outgrowing_its_bound_aborts_and_the_retry_is_exact() {
     let env = env();
     let server = Server::start(&env.registry, &[]);
-    let image = Image::new(vec![
-        (
-            Layer::new().pax_sparse("1.0", "sparse", 2 << 20, &[(0, b"head"), (1 << 20, b"x")]),
-            Comp::Gzip,
-        ),
-        (Layer::new().file("top", 0o644, b"top"), Comp::Gzip),
-    ]);
-    let r = publish(&env, "bound-exceeded", vec![image]);
+    let top = noise(2 << 20, 9);
+    let r = sparse_below(&env, "bound-exceeded", &top);
     let url = format!("{}/squash/{r}", server.url);
     let (_, head, _) = curl(&["-I", &url]);
     let announced: u64 = header_value(&head, "content-length")
@@ -355,18 +352,55 @@ fn a_merged_layer_outgrowing_its_bound_aborts_and_the_retry_is_exact() {
     assert!(exact > announced, "{exact} vs the bound's {announced}");
     let body = body_of(&server, &r);
     assert_eq!(body.len() as u64, exact);
-    let listing = squash_listing(&body);
+    check_exact(&body, top.len(), &dir);
+}
+
+/// The same bound outgrown within the bytes a response holds back: the client never sees it, the
+/// conversion is run again sized exactly, and the first response is that one.
+#[test]
+fn a_bound_outgrown_before_the_response_starts_is_converted_again_unseen() {
+    let env = env();
+    let server = Server::start(&env.registry, &[]);
+    let top = b"top".to_vec();
+    let r = sparse_below(&env, "bound-exceeded-early", &top);
+    let dir = scratch("bound-exceeded-early");
+    let (status, headers, body) = curl(&["-f", &format!("{}/squash/{r}", server.url)]);
+    assert_eq!(status, 200);
+    let log = server.log.lock().unwrap().clone();
+    assert!(log.contains("outgrew the bound"), "{log}");
+    assert_eq!(
+        header_value(&headers, "content-length"),
+        Some(body.len().to_string())
+    );
+    check_exact(&body, top.len(), &dir);
+}
+
+/// An image whose layer below the top one holds a 2 MiB sparse file; the top layer holds `top`.
+fn sparse_below(env: &Env, name: &str, top: &[u8]) -> String {
+    let image = Image::new(vec![
+        (
+            Layer::new().pax_sparse("1.0", "sparse", 2 << 20, &[(0, b"head"), (1 << 20, b"x")]),
+            Comp::Gzip,
+        ),
+        (Layer::new().file("top", 0o644, top), Comp::Gzip),
+    ]);
+    publish(env, name, vec![image])
+}
+
+/// `body` (of [`sparse_below`]) holds the sparse file whole and no padding, and docker loads it.
+fn check_exact(body: &[u8], top_len: usize, dir: &std::path::Path) {
+    let listing = squash_listing(body);
     assert!(listing.keys().any(|k| k == "sparse"), "{listing:?}");
     let layer_len = {
-        let mut tar = tar::Archive::new(&body[..]);
+        let mut tar = tar::Archive::new(body);
         let e = tar.entries().unwrap().next().unwrap().unwrap();
         e.header().size().unwrap()
     };
-    // The sparse file whole, `top`, and the end blocks: no padding.
-    let merged = 512 + (2 << 20) + 512 + 512 + 1024;
+    // `top`, the sparse file whole, and the end blocks: no padding.
+    let merged = 512 + top_len.div_ceil(512) * 512 + 512 + (2 << 20) + 1024;
     assert_eq!(layer_len, merged as u64, "exact: no padding");
     let loaded = dir.join("whole.tar");
-    std::fs::write(&loaded, &body).unwrap();
+    std::fs::write(&loaded, body).unwrap();
     run(docker().arg("load").arg("-i").arg(&loaded));
 }
 
@@ -548,4 +582,52 @@ fn client_hang_ups_leave_no_task_socket_or_file_behind() {
          fetches still open: {fetches:?}",
         hung_up.elapsed()
     );
+}
+
+/// A layer merged without its summary that turns out to need it (a path it writes twice) once the
+/// response has started: the transfer aborts, and the retry is merged with summaries and whole.
+#[test]
+fn a_layer_needing_its_summary_after_the_first_byte_aborts_and_the_retry_is_whole() {
+    let env = env();
+    let server = Server::start(&env.registry, &[]);
+    let image = Image::new(vec![
+        (
+            Layer::new()
+                .file("dup", 0o644, b"one")
+                .file("dup", 0o644, b"two"),
+            Comp::Gzip,
+        ),
+        // Past the bytes a response holds back before it starts.
+        (
+            Layer::new().file("big", 0o644, &noise(2 << 20, 5)),
+            Comp::Gzip,
+        ),
+    ]);
+    let r = publish(&env, "needs-summary-late", vec![image]);
+    let url = format!("{}/squash/{r}", server.url);
+    let dir = scratch("needs-summary-late");
+    let out = dir.join("partial.tar");
+    let (status, code) = curl_exit(&url, &out);
+    assert_eq!(status, 200);
+    assert_ne!(code, 0, "curl must see a failed transfer");
+    docker_load_fails(&out);
+    assert!(
+        server
+            .log
+            .lock()
+            .unwrap()
+            .contains("comes twice in its layer"),
+        "the abort is logged"
+    );
+
+    let body = body_of(&server, &r);
+    let listing = squash_listing(&body);
+    let two = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(b"two"))
+    };
+    assert!(listing["dup"].contains(&two[..12]), "{listing:?}");
+    let loaded = dir.join("whole.tar");
+    std::fs::write(&loaded, &body).unwrap();
+    run(docker().arg("load").arg("-i").arg(&loaded));
 }

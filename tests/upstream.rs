@@ -33,8 +33,8 @@ fn a_busy_registry_is_asked_again() {
         "Retry-After was honoured"
     );
     assert_eq!(proxy.requests("/manifests/v1").len(), 3);
-    // The sizing pass: a 503, then the blob; the merge: the blob.
-    assert_eq!(proxy.requests(&blob).len(), 3);
+    // The merge reads each layer once: a 503, then the blob.
+    assert_eq!(proxy.requests(&blob).len(), 2);
 }
 
 #[test]
@@ -147,7 +147,7 @@ fn a_blob_that_stalls_midway_times_out() {
     let blob = publish_layer(
         &env,
         name,
-        Layer::new().file("f", 0o644, &common::fixtures::noise(1 << 20, 4)),
+        Layer::new().file("f", 0o644, &common::fixtures::noise(4 << 20, 4)),
     );
     let url = format!("{}/squash/{}/fixtures/{name}:v1", server.url, proxy.addr);
 
@@ -168,13 +168,14 @@ fn a_blob_that_stalls_midway_times_out() {
         started.elapsed()
     );
 
-    // Sized now (by a HEAD, which stores nothing, so the GET converts); stalled after the first
-    // byte, the response is cut.
+    // Sized now (by a HEAD, which stores nothing, so the GET converts: this fixture's gzip does not
+    // tell its size, so it is read once for its summary); stalled past the bytes a response holds
+    // back before it starts, the response is cut.
     let (status, _, _) = curl(&["-f", "-I", &url]);
     assert_eq!(status, 200);
     proxy.rule(
         &blob,
-        Fault::StallAfter(256 << 10, Duration::from_secs(20)),
+        Fault::StallAfter(3 << 20, Duration::from_secs(20)),
         Some(1),
     );
     let started = Instant::now();

@@ -2,34 +2,38 @@
 //! merged size when it is remembered, else an upper bound from what the registry tells cheaply (each
 //! layer's decompressed size from a few bytes at the blob's ends), with the summaries of the layers
 //! that do not tell it. The content is zero-padded to the bound; content that would outgrow it aborts
-//! the transfer and makes the image sized exactly from then on.
+//! the transfer and makes the image sized exactly (from every layer's summary) from then on.
 
 use futures::StreamExt;
 
-use super::prepass::Summaries;
+use super::prepass::prepass_parallelism;
 use super::{Converter, Error};
 use crate::entry::{Item, BLOCK};
 use crate::layer::{self, Compression, HEAD_LEN, TAIL_LEN};
+use crate::limits::LimitExceeded;
 use crate::manifest::{LayerDescriptor, ResolvedImage};
 use crate::registry::Credentials;
+use crate::stats::Alive;
 
 /// How the layer member of an image's archive is sized.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Sizing {
     /// Its exact size, remembered.
     Known(u64),
-    /// Its exact size, from every layer's summary before the first byte (the image outgrew its
-    /// bound once).
+    /// Its exact size, from every layer's summary before the first byte, and merged with them (the
+    /// image outgrew its bound once, or its merge without summaries stopped).
     Exact,
     /// An upper bound, the content zero-padded to it.
     Bound,
 }
 
 impl Sizing {
-    /// Part of the validator: the two sizings give different bytes.
+    /// Part of the validator: each sizing gives its own bytes (a merge with summaries may place an
+    /// entry elsewhere than one without).
     pub(super) fn tag(self) -> &'static str {
         match self {
-            Sizing::Known(_) | Sizing::Exact => "exact",
+            Sizing::Known(_) => "exact",
+            Sizing::Exact => "summarised",
             Sizing::Bound => "bound",
         }
     }
@@ -69,21 +73,22 @@ impl Converter {
     /// How this image's layer member is sized, known without reading anything upstream.
     pub(super) fn sizing(&self, image: &ResolvedImage) -> Sizing {
         let hex = image.manifest_digest.hex();
+        if self.store.needs_exact(hex) {
+            return Sizing::Exact;
+        }
         match self.store.load_size(hex) {
             Some(size) => Sizing::Known(size),
-            None if self.store.needs_exact(hex) => Sizing::Exact,
             None => Sizing::Bound,
         }
     }
 
     /// An upper bound on the merged layer: the layers' decompressed sizes as their blobs tell them,
-    /// and for the top layer and those whose blobs do not tell, their summaries' written size
-    /// (waited for).
+    /// and for those whose blobs do not tell, their summaries' written size (read first).
     pub(super) async fn bound(
         &self,
         image: &ResolvedImage,
         credentials: &Credentials,
-        summaries: &Summaries,
+        alive: &Alive,
     ) -> Result<u64, Error> {
         let probes: Vec<_> = image
             .layers
@@ -94,14 +99,35 @@ impl Converter {
             .buffered(PROBES)
             .collect()
             .await;
-        let top = image.layers.len().checked_sub(1);
+        // A bomb is refused before the first byte when its blob says what it would make.
+        let limit = self.config.limits.max_image_bytes;
+        let total: u64 = told.iter().flatten().sum();
+        if total > limit {
+            return Err(Error::InvalidImage(
+                LimitExceeded {
+                    what: "the image's uncompressed size",
+                    limit,
+                    flag: "max-image-bytes",
+                }
+                .to_string(),
+            ));
+        }
+        let untold: Vec<bool> = told.iter().map(Option::is_none).collect();
+        let summaries = untold.contains(&true).then(|| {
+            self.summaries(
+                image,
+                credentials,
+                alive,
+                prepass_parallelism(),
+                Some(untold),
+            )
+        });
         let mut sizes = Vec::with_capacity(told.len());
         for (i, size) in told.into_iter().enumerate() {
-            sizes.push(match size {
-                // The top layer's summary is read before the first byte anyway: it gives what
-                // its blob's ends cannot (sparse files written whole, for one).
-                Some(size) if Some(i) != top => size,
-                _ => written_len(&summaries.wait(i).await?),
+            sizes.push(match (size, &summaries) {
+                (Some(size), _) => size,
+                (None, Some(summaries)) => written_len(&summaries.wait(i).await?),
+                (None, None) => unreachable!("summaries are read for every untold layer"),
             });
         }
         Ok(bound_of(&sizes))

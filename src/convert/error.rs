@@ -6,7 +6,7 @@ use std::io;
 
 use crate::digest::Digest;
 use crate::format::docker_archive::SizeExceeded;
-use crate::merge::MergeError;
+use crate::merge::{MergeError, NeedsSummary};
 use crate::source::{SourceError, TransferError};
 
 /// Errors before the first byte, each with the HTTP status a caller should see. `Clone`: a conversion
@@ -44,6 +44,22 @@ impl Error {
             Error::Upstream(_) | Error::InvalidImage(_) => 502,
             Error::Overloaded => 503,
             Error::Internal(_) => 500,
+        }
+    }
+
+    /// The same error, its message prefixed with what it happened to.
+    pub(super) fn with_context(self, context: &str) -> Error {
+        let at = |m: String| format!("{context}: {m}");
+        match self {
+            Error::BadRequest(m) => Error::BadRequest(at(m)),
+            Error::RegistryNotAllowed(m) => Error::RegistryNotAllowed(at(m)),
+            Error::Unauthorized(m) => Error::Unauthorized(at(m)),
+            Error::Denied(m) => Error::Denied(at(m)),
+            Error::NotFound(m) => Error::NotFound(at(m)),
+            Error::Upstream(m) => Error::Upstream(at(m)),
+            Error::InvalidImage(m) => Error::InvalidImage(at(m)),
+            Error::Internal(m) => Error::Internal(at(m)),
+            Error::Overloaded => Error::Overloaded,
         }
     }
 
@@ -94,23 +110,51 @@ pub(super) fn image_fault(e: &io::Error) -> bool {
 
 /// Whether an error of type `E` is somewhere in the chain of `e` (readers on the way wrap errors).
 pub(super) fn caused_by<E: std::error::Error + 'static>(e: &io::Error) -> bool {
+    find::<E>(e).is_some()
+}
+
+/// The first error of type `E` in the chain of `e`.
+pub(super) fn find<E: std::error::Error + 'static>(e: &io::Error) -> Option<&E> {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = e.get_ref().map(|r| r as _);
     while let Some(err) = cur {
-        if err.is::<E>() {
-            return true;
+        if let Some(found) = err.downcast_ref::<E>() {
+            return Some(found);
         }
         cur = match err.downcast_ref::<io::Error>() {
             Some(io) => io.get_ref().map(|r| r as _),
             None => err.source(),
         };
     }
-    false
+    None
+}
+
+/// A layer's fetch that failed, as the error it is before the first byte.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(super) struct FetchFailed(pub(super) Error);
+
+/// What a conversion's stream failed with, as the error a response not yet started answers.
+pub(super) fn stream_error(e: io::Error) -> Error {
+    if let Some(FetchFailed(error)) = find::<FetchFailed>(&e) {
+        return error.clone();
+    }
+    match image_fault(&e) {
+        true => Error::InvalidImage(e.to_string()),
+        false => Error::Upstream(e.to_string()),
+    }
 }
 
 pub(super) fn layer_error_io(digest: &Digest, e: MergeError) -> io::Error {
     match e {
         // Kept as it is: the job recognises it to forget the wrong size.
         MergeError::Io(io) if caused_by::<SizeExceeded>(&io) => io,
+        MergeError::NeedsSummary(n) => io::Error::new(
+            io::ErrorKind::InvalidData,
+            NeedsSummary {
+                path: format!("layer {digest}: {}", n.path),
+                why: n.why,
+            },
+        ),
         MergeError::Io(io) => io::Error::new(io.kind(), format!("layer {digest}: {io}")),
         other => io::Error::new(
             io::ErrorKind::InvalidData,

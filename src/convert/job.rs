@@ -13,7 +13,7 @@ use tokio_util::io::{StreamReader, SyncIoBridge};
 
 use super::body::ChannelWriter;
 use super::cached::Tee;
-use super::error::{caused_by, layer_error_io};
+use super::error::{caused_by, layer_error_io, source_error, FetchFailed};
 use super::prepass::Summaries;
 use super::{ByteStream, CHANNEL_DEPTH, READ_BUF};
 use crate::entry;
@@ -22,7 +22,7 @@ use crate::format::docker_archive::{DockerArchive, LayerWriter, SizeExceeded};
 use crate::layer;
 use crate::limits::{Budget, Guard, Limits};
 use crate::manifest::{LayerDescriptor, ResolvedImage};
-use crate::merge::{merge_tar, LayerHints, Merger, Sink, TarSink};
+use crate::merge::{merge_tar, LayerHints, Merger, NeedsSummary, Sink, TarSink};
 use crate::reference::Reference;
 use crate::registry::Credentials;
 use crate::sign::{InFlight, Signatures, Signer};
@@ -37,8 +37,9 @@ pub(super) struct Job {
     pub(super) reference: Reference,
     pub(super) credentials: Credentials,
     pub(super) image: ResolvedImage,
-    /// What the merge of each layer must know first, read ahead of it.
-    pub(super) summaries: Summaries,
+    /// The layers' summaries, read ahead of their merge, for an image that needs them (one whose
+    /// merge without them stopped once); `None`: each layer is merged as it is read.
+    pub(super) summaries: Option<Summaries>,
     pub(super) output: Output,
     pub(super) limits: Limits,
     /// Dropped with the job, when its thread ends.
@@ -114,6 +115,9 @@ impl Job {
                 if caused_by::<SizeExceeded>(&e) {
                     self.outgrown();
                 }
+                if caused_by::<NeedsSummary>(&e) {
+                    self.needs_summaries(&e);
+                }
                 if e.kind() == io::ErrorKind::BrokenPipe {
                     tracing::info!("client went away; conversion stopped");
                 } else {
@@ -148,6 +152,13 @@ impl Job {
         self.store.forget(manifest, &blobs);
     }
 
+    /// A layer could not be merged without its summary: the transfer is aborted, and the image is
+    /// merged with summaries (and sized exactly) from now on, so the client's retry gets it whole.
+    fn needs_summaries(&self, e: &io::Error) {
+        tracing::warn!(error = %e, "transfer aborted; the next request for this image reads the layers' summaries first");
+        self.store.mark_exact(self.image.manifest_digest.hex());
+    }
+
     /// Starts fetching a layer on the runtime: the request, then [`read_ahead`].
     fn fetch(&self, layer: &LayerDescriptor, handle: &Handle) -> Fetch {
         let (source, reference, credentials) = (
@@ -160,7 +171,10 @@ impl Job {
             let stream = source
                 .blob(&reference, &digest, size, &credentials)
                 .await
-                .map_err(|e| io::Error::other(format!("layer {digest}: {e}")))?;
+                .map_err(|e| {
+                    let error = source_error(e);
+                    io::Error::other(FetchFailed(error.with_context(&format!("layer {digest}"))))
+                })?;
             Ok(read_ahead(stream))
         }))
     }
@@ -245,9 +259,13 @@ impl Job {
                 tracing::debug_span!("layer", digest = %layer.digest, size = layer.size).entered();
             // What is ready goes out while this layer's summary or fetch may still be coming.
             sink.flush()?;
-            let items = self.summaries.wait_blocking(*i, handle)?;
-            merger.begin_layer(depth as u32, LayerHints::from_items(&items));
-            drop(items);
+            match &self.summaries {
+                Some(summaries) => {
+                    let items = summaries.wait_blocking(*i, handle)?;
+                    merger.begin_layer(depth as u32, LayerHints::from_items(&items));
+                }
+                None => merger.begin_watched(depth as u32),
+            }
             let this = next.take().expect("fetched ahead");
             next = layers.get(depth + 1).map(|(_, l)| self.fetch(l, handle));
             let stream = this.wait(handle)?;

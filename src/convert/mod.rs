@@ -19,6 +19,7 @@ mod bound;
 mod cached;
 mod error;
 mod fleet;
+mod held;
 mod job;
 mod plan;
 mod prepass;

@@ -78,10 +78,9 @@ impl Converter {
         })
     }
 
-    /// Sizes a planned squash (remembered, else an upper bound, or for an image that outgrew its
-    /// bound, a pre-pass over its layers) and reads its top layer's summary, so that a broken top
-    /// layer is an HTTP error, not an aborted transfer; the body starts the conversion when first
-    /// polled, the lower layers' summaries read one ahead of their merge.
+    /// Sizes a planned squash: remembered, else an upper bound from the blobs' ends, or for an image
+    /// that needs its summaries (its merge without them stopped, or it outgrew its bound), exactly
+    /// from every layer's summary. The body starts the conversion when first polled.
     pub async fn prepare_planned(&self, planned: Planned) -> Result<Prepared, Error> {
         let Planned {
             etag,
@@ -94,17 +93,15 @@ impl Converter {
             key,
             alive,
         } = planned;
-        let parallel = match sizing {
-            Sizing::Exact => prepass_parallelism(),
-            Sizing::Known(_) | Sizing::Bound => 1,
+        // Only an image whose merge without them stopped once has its summaries read, all of them
+        // before the first byte (they size it); the others stream as their layers are read.
+        let summaries = (sizing == Sizing::Exact)
+            .then(|| self.summaries(&image, &credentials, &alive, prepass_parallelism(), None));
+        let layer_size = match (sizing, &summaries) {
+            (Sizing::Known(size), _) => size,
+            (Sizing::Exact, Some(summaries)) => self.exact_size(&image, summaries).await?,
+            _ => self.bound(&image, &credentials, &alive).await?,
         };
-        let summaries = self.summaries(&image, &credentials, &alive, parallel);
-        let layer_size = match sizing {
-            Sizing::Known(size) => size,
-            Sizing::Exact => self.exact_size(&image, &summaries).await?,
-            Sizing::Bound => self.bound(&image, &credentials, &summaries).await?,
-        };
-        summaries.top().await?;
         let source = format!("{}@{}", reference.name(), image.manifest_digest);
         let archive = DockerArchive::new(id, layer_size, image.config.clone(), repo_tag, source);
         let content_length = archive.total_len();
@@ -236,8 +233,16 @@ impl Converter {
             key,
             alive,
         } = planned;
-        let summaries = self.summaries(&image, &request.credentials, &alive, 1);
-        summaries.top().await?;
+        // An ACI needs no size ahead: only an image whose merge without them stopped once has its
+        // summaries read, one layer ahead of the merge.
+        let summaries = match self.store.needs_exact(image.manifest_digest.hex()) {
+            true => {
+                let summaries = self.summaries(&image, &request.credentials, &alive, 1, None);
+                summaries.top().await?;
+                Some(summaries)
+            }
+            false => None,
+        };
         tracing::info!(
             image = %request.reference,
             manifest = %image.manifest_digest,

@@ -83,15 +83,16 @@ impl Summaries {
 }
 
 impl Converter {
-    /// Starts reading the image's layer summaries, `parallel` layers at a time, top layer first:
-    /// one at a time when a merge runs beside them (the merge needs the cores), more when nothing
-    /// else does.
+    /// Starts reading the image's layer summaries (those `only` marks, or all), `parallel` layers at
+    /// a time, top layer first: one at a time when a merge runs beside them (the merge needs the
+    /// cores), more when nothing else does. The slots of layers left out are never filled.
     pub(super) fn summaries(
         &self,
         image: &ResolvedImage,
         credentials: &Credentials,
         alive: &Alive,
         parallel: usize,
+        only: Option<Vec<bool>>,
     ) -> Summaries {
         let n = image.layers.len();
         let (txs, slots): (Vec<_>, Vec<_>) = (0..n).map(|_| watch::channel(None)).unzip();
@@ -102,6 +103,7 @@ impl Converter {
             .iter()
             .enumerate()
             .rev()
+            .filter(|(i, _)| only.as_ref().is_none_or(|only| only[*i]))
             .map(|(i, layer)| {
                 // Owned per layer, so each scan is a 'static future.
                 let (source, store, reference) = (
@@ -165,7 +167,9 @@ impl Converter {
         image: &ResolvedImage,
         summaries: &Summaries,
     ) -> Result<u64, Error> {
-        let manifest_hex = image.manifest_digest.hex().to_string();
+        // Kept apart from the sizes merges without summaries counted: the two merges may place an
+        // entry differently.
+        let manifest_hex = format!("{}-summarised", image.manifest_digest.hex());
         if let Some(size) = self.store.load_size(&manifest_hex) {
             return Ok(size);
         }

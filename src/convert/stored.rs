@@ -13,6 +13,7 @@ use futures::future::{BoxFuture, FutureExt, Shared};
 use tokio::runtime::Handle;
 use tokio::sync::OwnedSemaphorePermit;
 
+use super::error::caused_by;
 use super::fleet::Turn;
 use super::job::{Job, Output};
 use super::wire::write_layer;
@@ -23,6 +24,7 @@ use crate::format::image::{
     WireCompression,
 };
 use crate::manifest::{self, Platform};
+use crate::merge::NeedsSummary;
 use crate::reference::Reference;
 use crate::registry::Credentials;
 use crate::source::RawManifest;
@@ -325,8 +327,10 @@ impl Converter {
             None => manifest::resolve_for(&self.source, &image, None, &credentials, limits).await,
         }
         .map_err(super::error::source_error)?;
-        let summaries = self.summaries(&image, &credentials, &alive, 1);
-        summaries.top().await?;
+        let summaries = match self.store.needs_exact(image.manifest_digest.hex()) {
+            true => Some(self.summaries(&image, &credentials, &alive, 1, None)),
+            false => None,
+        };
         let compression = self.config.wire_compression;
         let source = format!("{}@{}", image.reference.name(), image.manifest_digest);
         let config = image.config.clone();
@@ -344,9 +348,27 @@ impl Converter {
         let handle = Handle::current();
         let layer_store = store.clone();
         let timed = job._alive.time("view");
+        let converter = self.clone();
         let (layer, diff_id) = joined(
             tokio::task::spawn_blocking(move || {
-                write_layer(&job, &layer_store, compression, &handle)
+                let mut job = job;
+                match write_layer(&job, &layer_store, compression, &handle) {
+                    // Nothing has left yet: merged again, with summaries, the conversion succeeds.
+                    Err(e) if job.summaries.is_none() && caused_by::<NeedsSummary>(&e) => {
+                        tracing::warn!(error = %e, "merging again with the layers' summaries");
+                        converter.store.mark_exact(job.image.manifest_digest.hex());
+                        let _enter = handle.enter();
+                        job.summaries = Some(converter.summaries(
+                            &job.image,
+                            &job.credentials,
+                            &job._alive,
+                            1,
+                            None,
+                        ));
+                        write_layer(&job, &layer_store, compression, &handle)
+                    }
+                    done => done,
+                }
             })
             .await,
         )?

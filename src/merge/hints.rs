@@ -152,7 +152,11 @@ pub(super) struct Watch {
 impl Watch {
     /// Notes the entry at `ordinal`; for a hardlink, where its content comes from. Fails where the
     /// layer's hints would not have been empty.
-    pub(super) fn observe(&mut self, item: &Item, ordinal: u32) -> Result<Option<Source>, NeedsSummary> {
+    pub(super) fn observe(
+        &mut self,
+        item: &Item,
+        ordinal: u32,
+    ) -> Result<Option<Source>, NeedsSummary> {
         let Item::Entry(m) = item else {
             return Ok(None);
         };

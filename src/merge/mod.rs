@@ -17,8 +17,8 @@ use std::collections::HashMap;
 use std::io::{self, Read};
 
 use crate::entry::{self, EntryMeta, Item, Kind};
-use hints::{Source, Watch};
 pub use hints::{LayerHints, NeedsSummary};
+use hints::{Source, Watch};
 use index::Index;
 
 /// Mode extractors give the parents they create (docker's and containerd's MkdirAll).
@@ -108,6 +108,8 @@ pub struct Merger {
     /// For link groups of the current layer, by the ordinal of the entry holding the content: the
     /// name that content went out under (`None`: every name of the group is hidden).
     out_names: HashMap<u32, Option<Vec<u8>>>,
+    /// Watching: ordinals of the layer's content that went out under an upper link's name.
+    renamed: Vec<u32>,
 }
 
 impl Merger {
@@ -122,6 +124,7 @@ impl Merger {
         self.watch = None;
         self.ordinal = 0;
         self.out_names.clear();
+        self.renamed.clear();
     }
 
     /// Starts the next layer down without its summary: the merge learns the layer as it goes, and
@@ -271,6 +274,9 @@ impl Merger {
             }
         }
         self.out_names.insert(ordinal, Some(name));
+        if self.watch.is_some() {
+            self.renamed.push(ordinal);
+        }
         Ok(())
     }
 
@@ -339,6 +345,14 @@ impl Merger {
             }
             return Ok(());
         };
+        if !waiting.is_empty() && self.renamed.contains(&here) {
+            // With hints, the links waiting on this one would have gone out beside the content.
+            return Err(NeedsSummary {
+                path: lossy(&meta.path),
+                why: "is named by upper links and links to a file of its own layer an upper layer hid",
+            }
+            .into());
+        }
         if visible && target != meta.path {
             let path = meta.path.clone();
             emit_link(sink, meta, &target)?;

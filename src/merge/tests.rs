@@ -384,7 +384,10 @@ fn watched_merges_stream_the_common_cases_and_stop_for_the_rest() {
         assert!(check_watched(layers).1, "{:?}", layers.len());
     }
     let stops = [
-        ("a path twice", vec![L::default().file("a", "1").file("a", "2")]),
+        (
+            "a path twice",
+            vec![L::default().file("a", "1").file("a", "2")],
+        ),
         (
             "a filled directory made a file",
             vec![L::default().file("a/x", "1").file("a", "2")],

@@ -386,6 +386,7 @@ async fn serve_aci(
         return signature(state, request).await;
     }
     let permit = slot(state)?;
+    let aci_request = request.clone();
     let planned = state.converter.plan_aci(request).await?;
     let file = format!("{}-{}.aci", file_name(&planned.name), file_name(&route.tag));
     let etag = planned.etag.clone();
@@ -405,7 +406,10 @@ async fn serve_aci(
     if req.method() == Method::HEAD {
         return Ok(headers().body(empty()).expect("valid response"));
     }
-    let prepared = state.converter.prepare_planned_aci(planned).await?;
+    let prepared = state
+        .converter
+        .prepare_held_aci(planned, aci_request)
+        .await?;
     Ok(streaming(headers(), prepared.body, permit))
 }
 
@@ -456,15 +460,13 @@ async fn squash(
     let credentials = credentials(req);
     let permit = slot(state)?;
     let name = reference.familiar();
-    let planned = state
-        .converter
-        .plan(SquashRequest {
-            reference,
-            platform,
-            tag: query.tag,
-            credentials,
-        })
-        .await?;
+    let request = SquashRequest {
+        reference,
+        platform,
+        tag: query.tag,
+        credentials,
+    };
+    let planned = state.converter.plan(request.clone()).await?;
     let file = format!("{}.tar", file_name(&name));
     // Stored bytes keep the validator they were made with: how their layer was sized then (an
     // upper bound, or exactly) may not be how it would be sized now.
@@ -485,10 +487,14 @@ async fn squash(
             return Ok(resp);
         }
     }
-    let headers = tar_headers(&planned.etag, &file);
-    let etag = planned.etag.clone();
-    // HEAD needs the length: remembered, or sized by a pre-pass; the conversion itself never starts.
-    let prepared = state.converter.prepare_planned(planned).await?;
+    // HEAD needs the length: remembered, or sized (an upper bound); the conversion itself never
+    // starts. A whole GET starts its response once the conversion is under way (`prepare_held`).
+    let prepared = match req.method() == Method::GET && !req.headers().contains_key(header::RANGE) {
+        true => state.converter.prepare_held(planned, request).await?,
+        false => state.converter.prepare_planned(planned).await?,
+    };
+    let etag = prepared.etag.clone();
+    let headers = tar_headers(&etag, &file);
     let size = prepared.content_length;
     // A range of bytes not stored yet is converted whole (and stored), and only the range is sent:
     // what resumes a first download that was cut.

@@ -171,7 +171,8 @@ fn a_registry_failing_mid_aci_aborts_and_signs_nothing() {
     )]);
     assert_eq!(status, 200);
 
-    proxy.rule(bottom, Fault::Truncate(1 << 20), Some(1));
+    // Past the bytes a response holds back before it starts.
+    proxy.rule(bottom, Fault::Truncate(3 << 20), Some(1));
     let url = aci_url(&server, "fixtures/aci-upstream-dies", "v1", "aci", "amd64");
     let partial = scratch("aci-partial").join("partial.aci");
     let out = Command::new("curl")

@@ -313,7 +313,10 @@ pub(super) fn check_watched(layers: &[L]) -> (Fs, bool) {
     let (summaries, out) = merge_all(&tars, false);
     let watched = match merge_watched(&tars) {
         Ok(bytes) => {
-            assert!(bytes == out, "a merge without summaries that succeeds must give the same bytes");
+            assert!(
+                bytes == out,
+                "a merge without summaries that succeeds must give the same bytes"
+            );
             true
         }
         Err(MergeError::NeedsSummary(_)) => false,
