@@ -74,6 +74,7 @@ impl Converter {
             image,
             sizing,
             key,
+            lease: None,
             alive,
         })
     }
@@ -92,6 +93,7 @@ impl Converter {
             image,
             sizing,
             key,
+            lease,
             alive,
         } = planned;
         let parallel = match sizing {
@@ -132,7 +134,7 @@ impl Converter {
             limits: self.config.limits,
             _alive: alive,
         };
-        let body = job.start(self.tee(&key, Some(content_length), Some(&etag)));
+        let body = job.start(self.tee(&key, Some(content_length), Some(&etag), lease));
         Ok(Prepared {
             content_length,
             etag,
@@ -220,6 +222,7 @@ impl Converter {
             request,
             image,
             key,
+            lease: None,
             alive,
         })
     }
@@ -234,6 +237,7 @@ impl Converter {
             request,
             image,
             key,
+            lease,
             alive,
         } = planned;
         let summaries = self.summaries(&image, &request.credentials, &alive, 1);
@@ -267,7 +271,7 @@ impl Converter {
         Ok(PreparedAci {
             etag,
             name,
-            body: job.start(self.tee(&key, None, None)),
+            body: job.start(self.tee(&key, None, None, lease)),
         })
     }
 
