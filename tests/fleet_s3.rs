@@ -3,7 +3,8 @@
 //! conversion, the other replica serves it without reading the source's blobs, a replica killed
 //! mid-conversion is taken over once its lease expires, and `--blob-redirect` sends layer bytes
 //! from the bucket, none through strata. The tarball routes share the lease: concurrent squash
-//! requests over both make one conversion too.
+//! requests over both make one conversion too. A GC sweep on one replica never deletes a blob the
+//! other is reusing.
 
 mod common;
 
@@ -304,6 +305,82 @@ fn a_replica_killed_mid_conversion_is_taken_over_after_its_lease_expires() {
     );
     assert_same(&want, &export_listing(local), &reference);
     run(docker().args(["rmi", "-f", local, reference.as_str()]));
+}
+
+/// GC on one replica while the other reuses the very blobs it is sweeping. The sweeping replica
+/// holds (a test hook, `STRATA_TEST_SWEEP_HOLD`) between its last look at the blobs a DELETE left
+/// unreferenced and its delete of them, and the other converts the same image again then: its
+/// writer finds those blobs stored. Without the use and doom marks (src/store/inuse.rs) it would
+/// reuse them and link a manifest whose blobs the sweep then deletes; with them it waits for the
+/// sweep and writes them anew.
+#[test]
+fn a_sweep_on_one_replica_never_deletes_what_the_other_reuses() {
+    let env = env();
+    let name = "fleet-gc";
+    publish(&env, name, images::whiteouts());
+    let store = bucket_prefix(name);
+    let proxy = Proxy::start(&env.registry);
+    let hold = scratch("fleet-gc").join("hold");
+    let sweeper = View::of(Server::start_with_env(
+        &proxy.addr,
+        &scratch(&format!("cache-{}", rand_suffix())),
+        &[
+            "--default-registry",
+            &proxy.addr,
+            "--store",
+            &store,
+            "--enable-delete",
+            "--gc-grace",
+            "0",
+        ],
+        "info",
+        &[("STRATA_TEST_SWEEP_HOLD", hold.to_str().unwrap())],
+    ));
+    let user = replica(&proxy, &store, &[]);
+    let (_, digest) = user.converted(name, "v1");
+    // Older than GC's one-second slack, on the store's whole-second clock.
+    std::thread::sleep(Duration::from_millis(2500));
+
+    std::fs::write(&hold, b"").unwrap();
+    assert_eq!(sweeper.delete(name, &digest), 202);
+    assert!(
+        sweeper.await_log("sweep held before a delete", 0, 10),
+        "the sweep deleted nothing: {}",
+        sweeper.server.log.lock().unwrap()
+    );
+    let again = std::thread::spawn({
+        let url = user.url(&format!("squash/fixtures/{name}/manifests/v1"));
+        move || curl(&["-H", &format!("Accept: {OCI_MANIFEST}"), &url])
+    });
+    let waited = user.await_log("blob doomed by a sweep in progress; waiting for it", 0, 5);
+    std::fs::remove_file(&hold).unwrap();
+    let (status, headers, body) = again.join().unwrap();
+    assert_eq!(status, 200, "{headers}");
+    assert_eq!(sha(&body), digest, "another manifest");
+    assert_eq!(user.conversions(), 2);
+    assert!(
+        sweeper.await_log("garbage collection", 0, 10)
+            && sweeper.gc_removals().iter().any(|&n| n > 0),
+        "the sweep removed nothing: {:?}",
+        sweeper.gc_removals()
+    );
+    // Every blob the manifest names is stored, from either replica.
+    let manifest = json_body(&body);
+    let named = std::iter::once(&manifest["config"])
+        .chain(manifest["layers"].as_array().unwrap())
+        .map(|d| d["digest"].as_str().unwrap().to_string());
+    for blob in named {
+        for view in [&user, &sweeper] {
+            let (status, headers, bytes) = view.blob(name, &blob, &[]);
+            assert_eq!(status, 200, "{blob}: {headers}");
+            assert_eq!(sha(&bytes), blob);
+        }
+    }
+    assert!(
+        waited,
+        "the second conversion did not wait for the sweep: {}",
+        user.server.log.lock().unwrap()
+    );
 }
 
 #[test]
