@@ -196,16 +196,21 @@ impl Converter {
         }
     }
 
-    /// [`Converter::tarball_turn`] of a planned squash.
+    /// [`Converter::tarball_turn`] of a planned squash. The time it took is left out of the
+    /// conversion's duration, should this request convert.
     pub async fn squash_turn(&self, planned: &mut Planned) -> Option<StoredTarball> {
-        let key = planned.key.clone();
-        self.tarball_turn(&key, &mut planned.lease).await
+        let (key, started) = (planned.key.clone(), Instant::now());
+        let stored = self.tarball_turn(&key, &mut planned.lease).await;
+        planned.alive.exclude(started.elapsed());
+        stored
     }
 
-    /// [`Converter::tarball_turn`] of a planned ACI.
+    /// [`Converter::tarball_turn`] of a planned ACI, its time left out as for a squash.
     pub async fn aci_turn(&self, planned: &mut PlannedAci) -> Option<StoredTarball> {
-        let key = planned.key.clone();
-        self.tarball_turn(&key, &mut planned.lease).await
+        let (key, started) = (planned.key.clone(), Instant::now());
+        let stored = self.tarball_turn(&key, &mut planned.lease).await;
+        planned.alive.exclude(started.elapsed());
+        stored
     }
 }
 
