@@ -268,11 +268,16 @@ pub struct ViewArgs {
     /// Seconds a replica's lease on a conversion (or on GC) outlives its last renewal (renewed
     /// every third of it): how long replicas sharing the store wait before converting what a dead
     /// replica was converting. Fractions allowed.
-    #[arg(long, value_name = "SECS", default_value_t = crate::store::fleet::DEFAULT_LEASE_TTL.as_secs_f64(), value_parser = parse_lease_ttl)]
+    #[arg(long, env = "STRATA_LEASE_TTL", value_name = "SECS", default_value_t = crate::store::fleet::DEFAULT_LEASE_TTL.as_secs_f64(), value_parser = parse_lease_ttl)]
     pub lease_ttl: f64,
+    /// Seconds a tarball request (squash, ACI) that finds another request converting the same
+    /// bytes (here or on another replica) waits for them to be stored before converting them too:
+    /// nothing is sent while it waits, so keep it below the idle timeout of proxies in front.
+    #[arg(long, env = "STRATA_TARBALL_WAIT", value_name = "SECS", default_value_t = crate::convert::DEFAULT_TARBALL_WAIT.as_secs())]
+    pub tarball_wait: u64,
     /// Answer the registry view's blob GETs with a 307 to a presigned URL of the object (S3 store
     /// only), so layer bytes go from the bucket to the client, not through strata.
-    #[arg(long)]
+    #[arg(long, env = "STRATA_BLOB_REDIRECT")]
     pub blob_redirect: bool,
     /// Secret that turns on `POST /hooks/registry` (convert on push): notifications carry it as
     /// `Authorization: Bearer TOKEN`. The environment keeps it out of `ps`.
@@ -391,6 +396,7 @@ impl SourceArgs {
             store_max_bytes: None,
             gc_grace: crate::convert::DEFAULT_GC_GRACE,
             lease_ttl: crate::store::fleet::DEFAULT_LEASE_TTL,
+            tarball_wait: crate::convert::DEFAULT_TARBALL_WAIT,
         })
     }
 }

@@ -91,6 +91,7 @@ async fn run(cli: Cli, logs: strata::progress::Stderr) -> anyhow::Result<()> {
             config.store_max_bytes = (view.cache_max_bytes > 0).then_some(view.cache_max_bytes);
             config.gc_grace = std::time::Duration::from_secs(view.gc_grace);
             config.lease_ttl = std::time::Duration::from_secs_f64(view.lease_ttl);
+            config.tarball_wait = std::time::Duration::from_secs(view.tarball_wait);
             if view.blob_redirect && !matches!(config.store, Some(strata::store::Location::S3(_))) {
                 anyhow::bail!("--blob-redirect needs --store s3://…");
             }

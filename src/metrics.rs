@@ -130,7 +130,7 @@ impl Metrics {
         );
         registry.register(
             "conversion_duration_seconds",
-            "How long a conversion's merge ran, from its first layer read to its last byte written",
+            "How long a conversion took, from resolving the image to its last byte written and stored (waits for another replica's conversion left out)",
             m.conversion_seconds.clone(),
         );
         registry.register(
@@ -212,10 +212,19 @@ impl Metrics {
 
     /// Observes the time until the returned guard is dropped under `format` (one of [`FORMATS`]).
     pub fn time_conversion(self: &Arc<Self>, format: &'static str) -> ConversionTimer {
+        self.time_conversion_from(format, Instant::now())
+    }
+
+    /// Observes the time from `started` until the returned guard is dropped.
+    pub fn time_conversion_from(
+        self: &Arc<Self>,
+        format: &'static str,
+        started: Instant,
+    ) -> ConversionTimer {
         ConversionTimer {
             metrics: self.clone(),
             format,
-            started: Instant::now(),
+            started,
         }
     }
 

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
+use tracing::Instrument;
 
 use crate::digest::{Digest, Verifier};
 use crate::metrics::Metrics;
@@ -158,19 +159,23 @@ const READ_AHEAD_CHUNKS: usize = 8;
 /// the upstream is silent, and with it the upstream connection.
 pub fn read_ahead(mut inner: BlobStream) -> BlobStream {
     let (tx, rx) = tokio::sync::mpsc::channel(READ_AHEAD_CHUNKS);
-    tokio::spawn(async move {
-        loop {
-            let item = tokio::select! {
-                item = inner.next() => item,
-                () = tx.closed() => return,
-            };
-            let Some(item) = item else { return };
-            let failed = item.is_err();
-            if tx.send(item).await.is_err() || failed {
-                return;
+    tokio::spawn(
+        async move {
+            loop {
+                let item = tokio::select! {
+                    item = inner.next() => item,
+                    () = tx.closed() => return,
+                };
+                let Some(item) = item else { return };
+                let failed = item.is_err();
+                if tx.send(item).await.is_err() || failed {
+                    return;
+                }
             }
         }
-    });
+        // The caller's span: the blob's progress lines, logged as this task reads it, carry it.
+        .in_current_span(),
+    );
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 

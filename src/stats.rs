@@ -3,7 +3,8 @@
 //! thread) and the runtime's live tasks. Reading them costs two atomic loads, so a monitor (or a
 //! test checking that a hang-up leaves nothing behind) may poll.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::gauge::Gauge;
 
@@ -24,11 +25,15 @@ impl Conversions {
         }
     }
 
-    /// Counts one more conversion until every clone of the returned guard is dropped.
+    /// Counts one more conversion until every clone of the returned guard is dropped; its clock
+    /// starts now.
     pub fn start(&self) -> Alive {
         self.gauge.inc();
         Alive {
-            _count: Arc::new(Counted(self.gauge.clone())),
+            shared: Arc::new(Counted {
+                gauge: self.gauge.clone(),
+                started: Mutex::new(Instant::now()),
+            }),
             metrics: self.metrics.clone(),
         }
     }
@@ -42,24 +47,44 @@ impl Conversions {
 /// next read or write fails, after the request that started it is gone).
 #[derive(Debug, Clone)]
 pub struct Alive {
-    _count: Arc<Counted>,
+    shared: Arc<Counted>,
     metrics: Arc<Metrics>,
 }
 
 impl Alive {
-    /// Times the conversion's merge under `format` (see [`crate::metrics::FORMATS`]) until the
-    /// returned guard is dropped.
+    /// Times the conversion under `format` (see [`crate::metrics::FORMATS`]) from its start (the
+    /// request's plan: resolving the image) until the returned guard is dropped, which its last
+    /// step does (the merge thread, after the output is stored).
     pub fn time(&self, format: &'static str) -> ConversionTimer {
-        self.metrics.time_conversion(format)
+        let started = *self
+            .shared
+            .started
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        self.metrics.time_conversion_from(format, started)
+    }
+
+    /// Leaves `waited` out of the conversion's time: it waited for another conversion of the same
+    /// bytes (a lease), which converted nothing here.
+    pub fn exclude(&self, waited: Duration) {
+        let mut started = self
+            .shared
+            .started
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        *started = (*started + waited).min(Instant::now());
     }
 }
 
 #[derive(Debug)]
-struct Counted(Gauge);
+struct Counted {
+    gauge: Gauge,
+    started: Mutex<Instant>,
+}
 
 impl Drop for Counted {
     fn drop(&mut self) {
-        self.0.dec();
+        self.gauge.dec();
     }
 }
 

@@ -2,7 +2,9 @@
 //! 10: concurrent requests over two `strata serve` processes on one bucket prefix make one
 //! conversion, the other replica serves it without reading the source's blobs, a replica killed
 //! mid-conversion is taken over once its lease expires, and `--blob-redirect` sends layer bytes
-//! from the bucket, none through strata.
+//! from the bucket, none through strata. The tarball routes share the lease: concurrent squash
+//! requests over both make one conversion too. A GC sweep on one replica never deletes a blob the
+//! other is reusing.
 
 mod common;
 
@@ -126,6 +128,108 @@ fn concurrent_requests_over_two_replicas_make_one_conversion_the_other_serves_it
     run(docker().args(["rmi", "-f", local, reference.as_str()]));
 }
 
+/// The tarball routes under the same lease: concurrent `/squash` GETs of a new image over both
+/// replicas make one conversion, and every other request waits for it and is served the stored
+/// bytes (its validator included).
+#[test]
+fn concurrent_squash_requests_over_two_replicas_make_one_conversion() {
+    let env = env();
+    let name = "fleet-squash";
+    let source = publish(&env, name, images::whiteouts());
+    let want = oracle(&source);
+    let store = bucket_prefix(name);
+    let proxy = Proxy::start(&env.registry);
+    let layers = layer_digests(&env.registry, &format!("fixtures/{name}"), "v1");
+    // The converting request's first read of the top layer (its summary, before the first byte)
+    // is held, so every other request arrives while that conversion runs.
+    let top = layers.last().unwrap().clone();
+    proxy.rule(&top, Fault::Stall(Duration::from_secs(2)), Some(1));
+    let replicas = [replica(&proxy, &store, &[]), replica(&proxy, &store, &[])];
+    let tag = "strata-fleet/fleet-squash:loaded";
+    let path = format!("squash/fixtures/{name}:v1?tag={tag}");
+
+    let answers: Vec<(u16, String, Vec<u8>)> = std::thread::scope(|s| {
+        let asks: Vec<_> = (0..CONCURRENT)
+            .map(|i| {
+                let url = format!("{}/{path}", replicas[i % 2].server.url);
+                s.spawn(move || curl(&[&url]))
+            })
+            .collect();
+        asks.into_iter().map(|a| a.join().unwrap()).collect()
+    });
+    for (status, headers, _) in &answers {
+        assert_eq!(*status, 200, "{headers}");
+    }
+    let body = &answers[0].2;
+    let etag = header(&answers[0].1, "etag");
+    for (_, headers, other) in &answers {
+        assert!(
+            other == body,
+            "bodies differ ({} vs {} bytes)",
+            other.len(),
+            body.len()
+        );
+        assert_eq!(header(headers, "etag"), etag);
+    }
+    let stored: Vec<usize> = replicas
+        .iter()
+        .map(|r| r.logged("strata::convert::cached: stored tarball"))
+        .collect();
+    assert_eq!(
+        stored.iter().sum::<usize>(),
+        1,
+        "tarballs stored per replica: {stored:?}"
+    );
+    let converter = stored.iter().position(|&n| n == 1).unwrap();
+    let (here, there) = (
+        replicas[converter].logged("another request here is converting; waiting for its result"),
+        replicas[1 - converter].logged("another replica is converting; waiting for its result"),
+    );
+    let served: usize = replicas
+        .iter()
+        .map(|r| r.logged("served another replica's conversion"))
+        .sum();
+    assert_eq!(
+        (here, there, served),
+        (CONCURRENT / 2 - 1, CONCURRENT / 2, CONCURRENT - 1),
+        "waits on the converting replica, on the other, requests served the stored bytes"
+    );
+    // One conversion's reads: each layer read by the sizing pass (the top layer's summary, or the
+    // ends of a lower one's blob, which the proxy does not count) and by the merge.
+    let fetched = blob_fetches(&proxy);
+    for layer in &layers {
+        let n = fetched
+            .iter()
+            .filter(|p| p.ends_with(layer.as_str()))
+            .count();
+        assert!(
+            (1..=2).contains(&n),
+            "{layer} fetched {n} times: {fetched:?}"
+        );
+    }
+    let layer_fetches = fetched
+        .iter()
+        .filter(|p| layers.iter().any(|l| p.ends_with(l.as_str())))
+        .count();
+    println!(
+        "{CONCURRENT} squash requests over two replicas: {} conversion(s), {layer_fetches} layer blob fetches for {} layers ({} blob fetches with each request's config), waits {here} here + {there} on the other replica",
+        stored.iter().sum::<usize>(),
+        layers.len(),
+        fetched.len(),
+    );
+
+    let file = scratch("fleet-squash").join("image.tar");
+    std::fs::write(&file, body).unwrap();
+    let out = run(docker().arg("load").arg("-i").arg(&file));
+    assert!(
+        String::from_utf8_lossy(&out).contains(tag),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    assert_same(&want, &export_listing(tag), tag);
+    run(docker().args(["rmi", "-f", tag]));
+}
+
 #[test]
 fn a_replica_killed_mid_conversion_is_taken_over_after_its_lease_expires() {
     let env = env();
@@ -201,6 +305,82 @@ fn a_replica_killed_mid_conversion_is_taken_over_after_its_lease_expires() {
     );
     assert_same(&want, &export_listing(local), &reference);
     run(docker().args(["rmi", "-f", local, reference.as_str()]));
+}
+
+/// GC on one replica while the other reuses the very blobs it is sweeping. The sweeping replica
+/// holds (a test hook, `STRATA_TEST_SWEEP_HOLD`) between its last look at the blobs a DELETE left
+/// unreferenced and its delete of them, and the other converts the same image again then: its
+/// writer finds those blobs stored. Without the use and doom marks (src/store/inuse.rs) it would
+/// reuse them and link a manifest whose blobs the sweep then deletes; with them it waits for the
+/// sweep and writes them anew.
+#[test]
+fn a_sweep_on_one_replica_never_deletes_what_the_other_reuses() {
+    let env = env();
+    let name = "fleet-gc";
+    publish(&env, name, images::whiteouts());
+    let store = bucket_prefix(name);
+    let proxy = Proxy::start(&env.registry);
+    let hold = scratch("fleet-gc").join("hold");
+    let sweeper = View::of(Server::start_with_env(
+        &proxy.addr,
+        &scratch(&format!("cache-{}", rand_suffix())),
+        &[
+            "--default-registry",
+            &proxy.addr,
+            "--store",
+            &store,
+            "--enable-delete",
+            "--gc-grace",
+            "0",
+        ],
+        "info",
+        &[("STRATA_TEST_SWEEP_HOLD", hold.to_str().unwrap())],
+    ));
+    let user = replica(&proxy, &store, &[]);
+    let (_, digest) = user.converted(name, "v1");
+    // Older than GC's one-second slack, on the store's whole-second clock.
+    std::thread::sleep(Duration::from_millis(2500));
+
+    std::fs::write(&hold, b"").unwrap();
+    assert_eq!(sweeper.delete(name, &digest), 202);
+    assert!(
+        sweeper.await_log("sweep held before a delete", 0, 10),
+        "the sweep deleted nothing: {}",
+        sweeper.server.log.lock().unwrap()
+    );
+    let again = std::thread::spawn({
+        let url = user.url(&format!("squash/fixtures/{name}/manifests/v1"));
+        move || curl(&["-H", &format!("Accept: {OCI_MANIFEST}"), &url])
+    });
+    let waited = user.await_log("blob doomed by a sweep in progress; waiting for it", 0, 5);
+    std::fs::remove_file(&hold).unwrap();
+    let (status, headers, body) = again.join().unwrap();
+    assert_eq!(status, 200, "{headers}");
+    assert_eq!(sha(&body), digest, "another manifest");
+    assert_eq!(user.conversions(), 2);
+    assert!(
+        sweeper.await_log("garbage collection", 0, 10)
+            && sweeper.gc_removals().iter().any(|&n| n > 0),
+        "the sweep removed nothing: {:?}",
+        sweeper.gc_removals()
+    );
+    // Every blob the manifest names is stored, from either replica.
+    let manifest = json_body(&body);
+    let named = std::iter::once(&manifest["config"])
+        .chain(manifest["layers"].as_array().unwrap())
+        .map(|d| d["digest"].as_str().unwrap().to_string());
+    for blob in named {
+        for view in [&user, &sweeper] {
+            let (status, headers, bytes) = view.blob(name, &blob, &[]);
+            assert_eq!(status, 200, "{blob}: {headers}");
+            assert_eq!(sha(&bytes), blob);
+        }
+    }
+    assert!(
+        waited,
+        "the second conversion did not wait for the sweep: {}",
+        user.server.log.lock().unwrap()
+    );
 }
 
 #[test]

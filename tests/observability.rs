@@ -443,3 +443,131 @@ fn a_long_layer_transfer_logs_its_progress() {
         .unwrap_or_else(|| panic!("no end line: {log}"));
     assert_eq!(end["bytes"], end["size"], "{end}");
 }
+
+/// An image of two layers of bytes of its own (no summary of one is remembered from another): a
+/// small bottom one and a top one of `top_len` bytes of noise.
+fn own_image(env: &Env, name: &str, top_len: usize) -> Vec<String> {
+    let seed = name.bytes().map(u64::from).sum::<u64>() * 31;
+    let image = fixtures::Image::new(vec![
+        (
+            fixtures::Layer::new().file("bottom", 0o644, name.as_bytes()),
+            fixtures::Comp::Gzip,
+        ),
+        (
+            fixtures::Layer::new().file("top", 0o644, &fixtures::noise(top_len, seed)),
+            fixtures::Comp::Gzip,
+        ),
+    ]);
+    publish(env, name, vec![image]);
+    layer_digests(&env.registry, &format!("fixtures/{name}"), "v1")
+}
+
+/// The duration histogram covers each format's whole conversion, not only its merge: here each
+/// conversion's first read of its top layer (the summary read before the first byte, outside the
+/// merge) is held for a second.
+#[test]
+fn conversion_durations_cover_the_whole_conversion_of_every_format() {
+    use common::proxy::{Fault, Proxy};
+    const HELD: Duration = Duration::from_secs(1);
+    let env = env();
+    let proxy = Proxy::start(&env.registry);
+    let server = Server::start(
+        &proxy.addr,
+        &[
+            "--default-registry",
+            &proxy.addr,
+            "--public-name",
+            "127.0.0.1",
+        ],
+    );
+    let urls = [
+        ("squash", "squash/fixtures/duration-squash:v1".to_string()),
+        (
+            "aci",
+            "c1/aci/127.0.0.1/fixtures/duration-aci/v1/aci/linux/amd64/".to_string(),
+        ),
+        (
+            "view",
+            "v2/squash/fixtures/duration-view/manifests/v1".to_string(),
+        ),
+    ];
+    for (format, path) in &urls {
+        let layers = own_image(&env, &format!("duration-{format}"), 64 << 10);
+        proxy.rule(layers.last().unwrap(), Fault::Stall(HELD), Some(1));
+        let (status, headers, _) = curl(&[
+            "-H",
+            "Accept: application/vnd.oci.image.manifest.v1+json",
+            &format!("{}/{path}", server.url),
+        ]);
+        assert_eq!(status, 200, "{format}: {headers}");
+    }
+    let want: Vec<(String, f64)> = urls
+        .iter()
+        .map(|(f, _)| {
+            (
+                format!("strata_conversion_duration_seconds_count{{format=\"{f}\"}}"),
+                1.0,
+            )
+        })
+        .collect();
+    let want: Vec<(&str, f64)> = want.iter().map(|(s, v)| (s.as_str(), *v)).collect();
+    let text = wait_for(&server, &want);
+    for (format, _) in &urls {
+        let series = format!("strata_conversion_duration_seconds_sum{{format=\"{format}\"}}");
+        let sum = sample(&text, &series).unwrap();
+        assert!(
+            sum >= HELD.as_secs_f64(),
+            "{series} = {sum}: the held read is left out"
+        );
+    }
+}
+
+/// A layer transfer of a request's conversion logs its progress inside the request's span: the
+/// JSON lines carry the request id. Its summary and size are remembered from a first conversion
+/// (under another name), so the one slow read is the merge's.
+#[test]
+fn layer_progress_lines_carry_the_request_id() {
+    use common::proxy::{Fault, Proxy};
+    let env = env();
+    let layers = own_image(&env, "progress-id", 12 << 20);
+    let proxy = Proxy::start(&env.registry);
+    let server = Server::start_logging(&proxy.addr, &["--log-format", "json"], "info");
+    let url = format!(
+        "{}/squash/{}/fixtures/progress-id:v1",
+        server.url, proxy.addr
+    );
+    let (status, _, _) = curl(&[&format!("{url}?tag=first:run")]);
+    assert_eq!(status, 200);
+    // 2 MiB/s: the 12 MiB layer takes about 6 s, past the 5 s progress interval.
+    let top = layers.last().unwrap();
+    proxy.rule(top, Fault::Throttle(2 << 20), None);
+    let (status, _, _) = curl(&["-H", "X-Request-Id: slow-layer-7", &url]);
+    assert_eq!(status, 200);
+    let log = server.log.lock().unwrap().clone();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|l: &serde_json::Value| l["digest"] == *top)
+        .collect();
+    let in_request = |l: &serde_json::Value| {
+        l["spans"]
+            .as_array()
+            .is_some_and(|spans| spans.iter().any(|s| s["id"] == "slow-layer-7"))
+    };
+    let progress: Vec<_> = lines
+        .iter()
+        .filter(|l| l["message"] == "layer progress")
+        .collect();
+    assert!(!progress.is_empty(), "no progress line: {log}");
+    for line in &progress {
+        assert!(
+            in_request(line),
+            "a progress line without the request id: {line}"
+        );
+    }
+    let end = lines
+        .iter()
+        .rfind(|l| l["message"] == "layer read")
+        .unwrap_or_else(|| panic!("no end line: {log}"));
+    assert!(in_request(end), "{end}");
+}

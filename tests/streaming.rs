@@ -523,9 +523,10 @@ fn client_hang_ups_leave_no_task_socket_or_file_behind() {
     };
     const CLIENTS: usize = 3;
 
-    // Hang-ups while the image is being sized, before any response.
+    // Hang-ups while the image is being sized, before any response. Each under a name of its own:
+    // requests for the same bytes would share one conversion (tests/tarball_lease.rs).
     let sizing: Vec<TcpStream> = (0..CLIENTS)
-        .map(|_| send(&server, &format!("/squash/{cold}")))
+        .map(|i| send(&server, &format!("/squash/{cold}?tag=cold:{i}")))
         .collect();
     assert!(fetching(&cold_bottom, CLIENTS), "sizing never fetched");
     let during = held(&server, port);
@@ -549,8 +550,8 @@ fn client_hang_ups_leave_no_task_socket_or_file_behind() {
 
     // Hang-ups after the first byte, while the bottom layer streams.
     let streaming: Vec<TcpStream> = (0..CLIENTS)
-        .map(|_| {
-            let (mut s, head, mut body) = open(&server, &format!("/squash/{warm}"));
+        .map(|i| {
+            let (mut s, head, mut body) = open(&server, &format!("/squash/{warm}?tag=warm:{i}"));
             assert!(head.starts_with("HTTP/1.1 200"), "{head}");
             let mut buf = [0u8; 4096];
             while body.is_empty() {

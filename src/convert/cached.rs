@@ -21,7 +21,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use super::{AciRequest, ByteStream, Converter, Error, Planned, PlannedAci};
 use crate::digest::Digest;
 use crate::sign::Signer;
-use crate::store::fleet::Leases;
+use crate::store::fleet::{FleetLease, Leases};
 use crate::store::{ArtifactKey, BlobReader, BlobWriter, Lease, Store, StoreError};
 
 /// Media type of the descriptor a tarball's record names.
@@ -88,6 +88,10 @@ pub(super) struct Tee {
     metrics: Arc<crate::metrics::Metrics>,
     /// Whose turn eviction is, on a store shared by replicas.
     leases: Option<Arc<Leases>>,
+    /// The key's fleet lease, held while the conversion runs and released once its record is
+    /// published (or, unpublished, when the tee is dropped with the conversion): requests for the
+    /// same bytes wait for the record meanwhile ([`super::fleet`]).
+    converting: Option<FleetLease>,
 }
 
 impl Tee {
@@ -113,6 +117,7 @@ impl Tee {
             max_bytes,
             metrics,
             leases,
+            converting,
         } = self;
         if expected.is_some_and(|e| e != written) {
             tracing::error!(written, ?expected, %key, "output length differs from the announced one; not stored");
@@ -144,6 +149,11 @@ impl Tee {
                 return;
             }
         }
+        if converting.as_ref().is_some_and(FleetLease::lost) {
+            tracing::warn!(%key, "converted under a lease another replica took over");
+        }
+        // Released now that the record exists, so the requests waiting for it find it.
+        drop(converting);
         // Apart, so the last bytes are not held back by it.
         if let Some(max) = max_bytes {
             std::thread::spawn(move || {
@@ -183,7 +193,10 @@ fn descriptor(digest: &Digest, size: u64, etag: Option<&str>) -> Vec<u8> {
 }
 
 /// The tarball a record names, if it is still stored whole.
-fn lookup(store: &Store, key: &ArtifactKey) -> Result<Option<StoredTarball>, StoreError> {
+pub(super) fn lookup(
+    store: &Store,
+    key: &ArtifactKey,
+) -> Result<Option<StoredTarball>, StoreError> {
     let Some(record) = store.derived(key)? else {
         return Ok(None);
     };
@@ -238,12 +251,14 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl Converter {
-    /// Where the output known by `key` goes in the store, if there is one.
+    /// Where the output known by `key` goes in the store, if there is one; `converting` is the
+    /// key's fleet lease, held until the output is published.
     pub(super) fn tee(
         &self,
         key: &ArtifactKey,
         expected: Option<u64>,
         etag: Option<&str>,
+        converting: Option<FleetLease>,
     ) -> Option<Tee> {
         Some(Tee {
             store: self.images.clone()?,
@@ -253,6 +268,7 @@ impl Converter {
             max_bytes: self.config.store_max_bytes,
             metrics: self.metrics.clone(),
             leases: self.leases.clone(),
+            converting,
         })
     }
 
@@ -305,12 +321,17 @@ impl Converter {
     /// of it is kept (a new key, lost signatures); otherwise converts it, which signs as it goes.
     /// What a `202` for a signature starts in the background.
     pub async fn sign_in_background(&self, request: AciRequest) -> Result<(), Error> {
-        let planned = self.plan_aci(request).await?;
+        let mut planned = self.plan_aci(request).await?;
         let (Some(signer), Some(store)) = (self.config.signer.clone(), self.images.clone()) else {
             return self.convert_to_sign(planned).await;
         };
-        let Some(tarball) = self.stored_aci(&planned).await else {
-            return self.convert_to_sign(planned).await;
+        let tarball = match self.stored_aci(&planned).await {
+            Some(t) => t,
+            // Converted by another request meanwhile, or this one's to convert.
+            None => match self.aci_turn(&mut planned).await {
+                Some(t) => t,
+                None => return self.convert_to_sign(planned).await,
+            },
         };
         let signed = blocking(move || {
             let reader = store.open_blob(&tarball.digest, None)?;
@@ -480,138 +501,5 @@ impl TeeThread {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use futures::StreamExt;
-
-    fn chunks(sizes: &[usize]) -> ByteStream {
-        let mut n = 0u8;
-        let items: Vec<io::Result<Bytes>> = sizes
-            .iter()
-            .map(|&s| {
-                let c: Vec<u8> = (0..s)
-                    .map(|_| {
-                        n = n.wrapping_add(1);
-                        n
-                    })
-                    .collect();
-                Ok(Bytes::from(c))
-            })
-            .collect();
-        Box::pin(futures::stream::iter(items))
-    }
-
-    async fn collect(s: ByteStream) -> Vec<u8> {
-        s.map(|c| c.unwrap().to_vec()).concat().await
-    }
-
-    #[tokio::test]
-    async fn window_cuts_across_chunks() {
-        let whole = collect(chunks(&[3, 5, 1, 7])).await;
-        for (a, b) in [(0, 16), (2, 9), (3, 8), (8, 9), (15, 16), (0, 1), (4, 4)] {
-            let got = collect(window(chunks(&[3, 5, 1, 7]), a..b)).await;
-            assert_eq!(got, whole[a as usize..b as usize], "{a}..{b}");
-        }
-    }
-
-    #[test]
-    fn descriptor_roots_the_tarball_for_gc() {
-        let d = Digest::of(b"tarball");
-        let bytes = descriptor(&d, 7, None);
-        let refs = crate::store::repo::references(&Digest::of(&bytes), &bytes).unwrap();
-        assert_eq!(refs.blobs, vec![d]);
-    }
-
-    fn publish(store: &Store, key: &ArtifactKey, bytes: &[u8], expected: u64) {
-        let tee = Tee {
-            store: store.clone(),
-            key: key.clone(),
-            expected: Some(expected),
-            etag: Some("made-with".into()),
-            max_bytes: None,
-            metrics: Arc::default(),
-            leases: None,
-        };
-        let mut w = tee.writer().unwrap();
-        w.write_all(bytes).unwrap();
-        tee.publish(Some(w), bytes.len() as u64);
-    }
-
-    /// Makes every blob look older than any grace period: only references keep them from GC then.
-    fn age(root: &std::path::Path) {
-        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
-        let mut pending = vec![root.join("blobs")];
-        while let Some(d) = pending.pop() {
-            for e in std::fs::read_dir(d).unwrap() {
-                let p = e.unwrap().path();
-                if p.is_dir() {
-                    pending.push(p);
-                } else {
-                    let f = std::fs::File::options().write(true).open(&p).unwrap();
-                    f.set_modified(old).unwrap();
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn published_tarballs_are_found_kept_by_gc_and_missed_once_evicted() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open_dir(dir.path()).unwrap();
-        let key = squash_key(&Digest::of(b"m"), None, "r/x");
-        publish(&store, &key, b"1234", 5);
-        assert!(
-            lookup(&store, &key).unwrap().is_none(),
-            "a short output was stored"
-        );
-        publish(&store, &key, b"12345", 5);
-        let found = lookup(&store, &key).unwrap().expect("stored");
-        assert_eq!((found.digest, found.size), (Digest::of(b"12345"), 5));
-        assert_eq!(
-            found.etag.as_deref(),
-            Some("made-with"),
-            "the validator kept"
-        );
-        age(dir.path());
-        let report = store.gc(std::time::Duration::ZERO).unwrap();
-        assert!(report.removed.is_empty(), "{report:?}");
-        assert_eq!(report.referenced, 2, "the descriptor and the tarball");
-        store.evict(0).unwrap();
-        assert!(lookup(&store, &key).unwrap().is_none());
-    }
-
-    /// A tarball read since another was stored outlives it under the bound, descriptor included.
-    #[test]
-    fn reading_a_tarball_makes_it_and_its_descriptor_recent() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open_dir(dir.path()).unwrap();
-        let tick = || std::thread::sleep(std::time::Duration::from_millis(30));
-        let (a, b) = (
-            squash_key(&Digest::of(b"a"), None, "r/a"),
-            squash_key(&Digest::of(b"b"), None, "r/b"),
-        );
-        publish(&store, &a, &[1; 1000], 1000);
-        tick();
-        publish(&store, &b, &[2; 1000], 1000);
-        tick();
-        let found = lookup(&store, &a).unwrap().unwrap();
-        drop(open(&store, &found, None).unwrap());
-        let descriptor = store.stat_blob(&found.descriptor).unwrap().unwrap().size;
-        store.evict(1000 + descriptor).unwrap();
-        assert!(
-            lookup(&store, &a).unwrap().is_some(),
-            "the one read was evicted"
-        );
-        assert!(lookup(&store, &b).unwrap().is_none());
-    }
-
-    #[test]
-    fn keys_separate_what_changes_the_bytes() {
-        let m = Digest::of(b"m");
-        let base = squash_key(&m, Some("a:b"), "r/x");
-        assert_ne!(base, squash_key(&m, None, "r/x"));
-        assert_ne!(base, squash_key(&m, Some("a:c"), "r/x"));
-        assert_ne!(base, squash_key(&m, Some("a:b"), "s/x"));
-        assert_ne!(base, squash_key(&Digest::of(b"n"), Some("a:b"), "r/x"));
-    }
-}
+#[path = "cached_tests.rs"]
+mod tests;

@@ -10,6 +10,7 @@ use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::io::{StreamReader, SyncIoBridge};
+use tracing::Instrument;
 
 use super::body::ChannelWriter;
 use super::cached::Tee;
@@ -167,7 +168,8 @@ impl Job {
             self.credentials.clone(),
         );
         let (digest, size) = (layer.digest.clone(), layer.size);
-        Fetch(handle.spawn(async move {
+        // In the conversion's span (and so the request's): the transfer's progress lines name it.
+        let fetch = async move {
             let stream = source
                 .blob(&reference, &digest, size, &credentials)
                 .await
@@ -176,7 +178,8 @@ impl Job {
                     io::Error::other(FetchFailed(error.with_context(&format!("layer {digest}"))))
                 })?;
             Ok(read_ahead(stream))
-        }))
+        };
+        Fetch(handle.spawn(fetch.instrument(tracing::Span::current())))
     }
 
     /// Writes the output; for a docker archive, returns the merged layer's exact size (its content

@@ -45,6 +45,7 @@ use crate::registry::{self, Credentials};
 use crate::sign::{Signatures, Signer};
 use crate::source::{Origin, Source};
 use crate::stats::{Alive, Conversions};
+use crate::store::fleet::FleetLease;
 use crate::summary::Store;
 
 pub use cached::{stream_blob, window, StoredTarball};
@@ -101,6 +102,8 @@ pub struct Planned {
     sizing: bound::Sizing,
     /// What the bytes are stored under.
     key: crate::store::ArtifactKey,
+    /// The fleet lease its conversion is published under, once [`Converter::squash_turn`] took it.
+    lease: Option<FleetLease>,
     alive: Alive,
 }
 
@@ -121,6 +124,8 @@ pub struct PlannedAci {
     image: ResolvedImage,
     /// What the bytes are stored under.
     key: crate::store::ArtifactKey,
+    /// The fleet lease its conversion is published under, once [`Converter::aci_turn`] took it.
+    lease: Option<FleetLease>,
     alive: Alive,
 }
 
@@ -184,6 +189,9 @@ pub struct ConverterConfig {
     pub gc_grace: std::time::Duration,
     /// How long a replica's lease on a conversion (or on GC) outlives its last renewal.
     pub lease_ttl: std::time::Duration,
+    /// How long a tarball request waits for another request's conversion of the same bytes (here
+    /// or on another replica) before it converts them itself.
+    pub tarball_wait: std::time::Duration,
 }
 
 impl Default for ConverterConfig {
@@ -206,9 +214,15 @@ impl Default for ConverterConfig {
             store_max_bytes: None,
             gc_grace: DEFAULT_GC_GRACE,
             lease_ttl: crate::store::fleet::DEFAULT_LEASE_TTL,
+            tarball_wait: DEFAULT_TARBALL_WAIT,
         }
     }
 }
+
+/// How long a tarball request waits for another conversion of its bytes unless configured: nothing
+/// is sent while it waits, and proxies and load balancers commonly cut a response that sends nothing
+/// for 60 s (nginx's `proxy_read_timeout`, an AWS ALB's idle timeout), so well below that.
+pub const DEFAULT_TARBALL_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// GC's grace period unless configured: far longer than any conversion's publication step.
 pub const DEFAULT_GC_GRACE: std::time::Duration = std::time::Duration::from_secs(600);
@@ -235,6 +249,8 @@ pub struct Converter {
     /// This replica's leases on `images`, shared with the other replicas on it.
     leases: Option<Arc<crate::store::fleet::Leases>>,
     flights: stored::Flights,
+    /// Tarball requests waiting for another conversion of their bytes, one store watch per key.
+    tarball_waits: fleet::Watches,
     access: access::AccessCache,
     metrics: Arc<Metrics>,
 }
@@ -283,6 +299,7 @@ impl Converter {
             images,
             leases,
             flights: stored::Flights::default(),
+            tarball_waits: fleet::Watches::default(),
             access: access::AccessCache::default(),
         })
     }

@@ -74,6 +74,7 @@ impl Converter {
             image,
             sizing,
             key,
+            lease: None,
             alive,
         })
     }
@@ -91,6 +92,7 @@ impl Converter {
             image,
             sizing,
             key,
+            lease,
             alive,
         } = planned;
         // Only an image whose merge without them stopped once has its summaries read, all of them
@@ -129,7 +131,7 @@ impl Converter {
             limits: self.config.limits,
             _alive: alive,
         };
-        let body = job.start(self.tee(&key, Some(content_length), Some(&etag)));
+        let body = job.start(self.tee(&key, Some(content_length), Some(&etag), lease));
         Ok(Prepared {
             content_length,
             etag,
@@ -217,6 +219,7 @@ impl Converter {
             request,
             image,
             key,
+            lease: None,
             alive,
         })
     }
@@ -231,6 +234,7 @@ impl Converter {
             request,
             image,
             key,
+            lease,
             alive,
         } = planned;
         // An ACI needs no size ahead: only an image whose merge without them stopped once has its
@@ -272,7 +276,7 @@ impl Converter {
         Ok(PreparedAci {
             etag,
             name,
-            body: job.start(self.tee(&key, None, None)),
+            body: job.start(self.tee(&key, None, None, lease)),
         })
     }
 

@@ -9,6 +9,7 @@ use futures::StreamExt;
 use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tokio_util::io::{StreamReader, SyncIoBridge};
+use tracing::Instrument;
 
 use super::error::{caused_by, image_fault, layer_error, source_error};
 use super::{Converter, Error, READ_BUF};
@@ -145,16 +146,20 @@ impl Converter {
                 }
             })
             .collect();
-        let task = tokio::spawn(async move {
-            let mut results = futures::stream::iter(scans).buffered(parallel.max(1));
-            while let Some((i, result)) = results.next().await {
-                let failed = result.is_err();
-                let _ = txs[i].send(Some(result));
-                if failed {
-                    return;
+        // In the request's span: its layer progress lines carry the request id.
+        let task = tokio::spawn(
+            async move {
+                let mut results = futures::stream::iter(scans).buffered(parallel.max(1));
+                while let Some((i, result)) = results.next().await {
+                    let failed = result.is_err();
+                    let _ = txs[i].send(Some(result));
+                    if failed {
+                        return;
+                    }
                 }
             }
-        });
+            .in_current_span(),
+        );
         Summaries {
             slots,
             task: Some(task),

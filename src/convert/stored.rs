@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use futures::future::{BoxFuture, FutureExt, Shared};
 use tokio::runtime::Handle;
 use tokio::sync::OwnedSemaphorePermit;
+use tracing::Instrument;
 
 use super::error::caused_by;
 use super::fleet::Turn;
@@ -276,19 +277,23 @@ impl Converter {
         let permit = slot()?;
         let this = self.clone();
         let task_text = text.clone();
-        let task = tokio::spawn(async move {
-            let result = this
-                .clone()
-                .convert_into_store(key, image, fetched, credentials)
-                .await;
-            this.flights
-                .0
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&task_text);
-            drop(permit);
-            result
-        });
+        // In the span of the request that started it: its log lines carry that request's id.
+        let task = tokio::spawn(
+            async move {
+                let result = this
+                    .clone()
+                    .convert_into_store(key, image, fetched, credentials)
+                    .await;
+                this.flights
+                    .0
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&task_text);
+                drop(permit);
+                result
+            }
+            .in_current_span(),
+        );
         let flight = async move { joined(task.await)? }.boxed().shared();
         flights.insert(text, flight.clone());
         Ok(flight)
@@ -319,6 +324,8 @@ impl Converter {
         };
         let started = std::time::Instant::now();
         let alive = self.conversions.start();
+        // From the image's resolution to its record: the whole conversion.
+        let timed = alive.time("view");
         let limits = &self.config.limits;
         let image = match fetched {
             Some(raw) => {
@@ -347,10 +354,11 @@ impl Converter {
         };
         let handle = Handle::current();
         let layer_store = store.clone();
-        let timed = job._alive.time("view");
         let converter = self.clone();
+        let span = tracing::Span::current();
         let (layer, diff_id) = joined(
             tokio::task::spawn_blocking(move || {
+                let _entered = span.enter();
                 let mut job = job;
                 match write_layer(&job, &layer_store, compression, &handle) {
                     // Nothing has left yet: merged again, with summaries, the conversion succeeds.
@@ -376,7 +384,6 @@ impl Converter {
             io::ErrorKind::InvalidData => Error::InvalidImage(e.to_string()),
             _ => Error::Upstream(e.to_string()),
         })?;
-        drop(timed);
         let layer_size = layer.size;
         let shown = key.to_string();
         let digest = blocking(move || {
@@ -394,6 +401,7 @@ impl Converter {
             Ok(manifest.digest)
         })
         .await?;
+        drop(timed);
         if lease.as_ref().is_some_and(|l| l.lost()) {
             tracing::warn!(key = %shown, "converted under a lease another replica took over");
         }

@@ -406,6 +406,16 @@ async fn serve_aci(
     if req.method() == Method::HEAD {
         return Ok(headers().body(empty()).expect("valid response"));
     }
+    // Waiting for another conversion of these bytes holds no slot: it takes no thread.
+    drop(permit);
+    let mut planned = planned;
+    if let Some(stored) = state.converter.aci_turn(&mut planned).await {
+        let resp = tarball::stored(req, &state.converter, headers(), &etag, &stored);
+        if let Some(resp) = resp.await? {
+            return Ok(resp);
+        }
+    }
+    let permit = slot(state)?;
     let prepared = state
         .converter
         .prepare_held_aci(planned, aci_request)
@@ -486,6 +496,25 @@ async fn squash(
         if let Some(resp) = resp.await? {
             return Ok(resp);
         }
+    }
+    let mut planned = planned;
+    let mut permit = permit;
+    // HEAD neither waits nor converts: it needs the length only (below).
+    if req.method() == Method::GET {
+        // Waiting for another conversion of these bytes holds no slot: it takes no thread.
+        drop(permit);
+        if let Some(stored) = state.converter.squash_turn(&mut planned).await {
+            let etag = stored.etag.clone().unwrap_or_else(|| planned.etag.clone());
+            let headers = || tar_headers(&etag, &file);
+            if not_modified(req, &etag) {
+                return Ok(not_modified_response(headers()));
+            }
+            let resp = tarball::stored(req, &state.converter, headers(), &etag, &stored);
+            if let Some(resp) = resp.await? {
+                return Ok(resp);
+            }
+        }
+        permit = slot(state)?;
     }
     // HEAD needs the length: remembered, or sized (an upper bound); the conversion itself never
     // starts. A whole GET starts its response once the conversion is under way (`prepare_held`).

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use sha2::{Digest as _, Sha256};
 
 use super::backend::{Backend, Upload};
+use super::inuse::{mark_in_use, UseMark};
 use super::{blob_key, StoreError};
 use crate::digest::{Digest, Verifier};
 
@@ -34,6 +35,9 @@ pub struct Lease {
     pub(super) backend: Arc<dyn Backend>,
     pub(super) pins: Arc<Pins>,
     pub(super) digest: Digest,
+    /// The same for the other replicas on the store, when the holder is about to name the blob
+    /// in what it publishes ([`super::inuse`]); readers need none.
+    pub(super) used: Option<UseMark>,
 }
 
 impl Lease {
@@ -43,7 +47,21 @@ impl Lease {
             backend: backend.clone(),
             pins: pins.clone(),
             digest: digest.clone(),
+            used: None,
         }
+    }
+
+    /// [`Lease::take`], and a use mark every replica's sweeps respect, for a holder that will
+    /// publish something naming the blob: taken before the holder looks for the blob.
+    pub(super) fn take_for_use(
+        backend: &Arc<dyn Backend>,
+        pins: &Arc<Pins>,
+        digest: &Digest,
+    ) -> Result<Lease, StoreError> {
+        let mut lease = Lease::take(backend, pins, digest);
+        let key = blob_key(digest);
+        lease.used = Some(mark_in_use(backend, digest).map_err(StoreError::io(&key))?);
+        Ok(lease)
     }
 
     pub fn digest(&self) -> &Digest {
@@ -55,6 +73,7 @@ impl Drop for Lease {
     fn drop(&mut self) {
         // Touch before unpinning, so no sweep sees it unpinned and old.
         let _ = self.backend.touch(&blob_key(&self.digest));
+        drop(self.used.take());
         let mut pins = self.pins.lock();
         if let Some(n) = pins.get_mut(&self.digest) {
             *n -= 1;
@@ -130,7 +149,7 @@ impl BlobWriter {
             }
         };
         let key = blob_key(&digest);
-        let lease = Lease::take(&self.backend, &self.pins, &digest);
+        let lease = Lease::take_for_use(&self.backend, &self.pins, &digest)?;
         let created = self
             .upload
             .create_if_absent(&key)

@@ -192,6 +192,22 @@ impl Leases {
         )))
     }
 
+    /// Who holds lease `name` now, if anyone does and has renewed it within a TTL (as far as this
+    /// process has watched it): what a waiter polls without taking the lease. Blocking.
+    pub fn holder(&self, name: &str) -> Result<Option<String>, StoreError> {
+        let backend = &*self.backend;
+        let found =
+            generations(backend, name).map_err(StoreError::io(&format!("{LEASES}{name}/")))?;
+        let Some((_, key)) = found.last() else {
+            return Ok(None);
+        };
+        if self.unchanged_for_ttl(name, key) {
+            return Ok(None);
+        }
+        // Released between the listing and the read: free.
+        owner_of(backend, key).map_err(StoreError::io(key))
+    }
+
     /// Removes generations last written `older_than` ago or earlier: left by holders that died
     /// when nobody asked for their key again (a live holder rewrites its lease every TTL/3, so
     /// `older_than` of many TTLs also covers the clocks' skew: the stat is the store's clock).

@@ -9,10 +9,16 @@
 //! So a blob the mark missed because its link came later is either leased when the sweep reaches it,
 //! or was touched after the mark started; and a blob deleted before its writer's lease is seen absent
 //! by that writer, which then writes it.
+//!
+//! Across replicas (no shared lock, no conditional delete) the same holds by marks in the store
+//! ([`super::inuse`]): a sweep dooms each batch of candidates, lists the use marks, marks the roots
+//! again, and deletes only what no use mark names and no root refers to, within the doom window.
 
 use std::collections::HashSet;
 use std::time::{Duration, SystemTime};
 
+use super::backend::Meta;
+use super::inuse::{remove_stale_dooms, Doomed};
 use super::repo::{references, MAX_MANIFEST_BYTES};
 use super::{blob_key, Store, StoreError};
 use crate::digest::Digest;
@@ -22,6 +28,9 @@ use crate::digest::Digest;
 pub const MTIME_SLACK: Duration = Duration::from_secs(1);
 
 const BLOBS: &str = "blobs/";
+/// Blobs doomed at once: a batch's deletes must all go out within the doom window
+/// ([`super::inuse::DOOM_WINDOW`]), a few ms each.
+const SWEEP_BATCH: usize = 256;
 
 /// What one sweep did.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -80,24 +89,74 @@ impl Store {
         if keep(&meta) {
             return Ok(None);
         }
+        if let Some(hold) = &self.delete_hold {
+            hold(digest);
+        }
         self.backend.delete(&key).map_err(StoreError::io(&key))?;
         drop(pins);
         Ok(Some(meta.size))
     }
 
-    /// Removes least-recently-used blobs until at most `max_bytes` remain (leased ones are skipped,
-    /// so the bound may be exceeded while they are in use).
+    /// Deletes the blobs of `batch` that `keep` (given a blob's current stat) does not keep, once
+    /// the batch is doomed for the other replicas ([`super::inuse`]): blobs a use mark names are
+    /// spared, and so are those `roots_now` (asked after the listing of use marks) says something
+    /// refers to, and the rest of the batch once the doom window has closed (a slow pass: the
+    /// next one tries again). The deleted blobs and their sizes.
+    fn sweep_batch(
+        &self,
+        batch: &[Digest],
+        roots_now: impl FnOnce() -> Result<HashSet<Digest>, StoreError>,
+        keep: impl Fn(&Digest, &Meta) -> bool,
+    ) -> Result<Vec<(Digest, u64)>, StoreError> {
+        let (doomed, used) =
+            Doomed::write(&self.backend, batch).map_err(StoreError::io("doomed/"))?;
+        let referenced = roots_now()?;
+        let mut deleted = Vec::new();
+        for digest in batch {
+            if used.contains(digest) || referenced.contains(digest) || !doomed.open() {
+                continue;
+            }
+            if let Some(size) = self.delete_unleased(digest, |m| keep(digest, m))? {
+                deleted.push((digest.clone(), size));
+            }
+        }
+        drop(doomed);
+        Ok(deleted)
+    }
+
+    /// Removes least-recently-used blobs until at most `max_bytes` remain (leased ones, here or
+    /// on another replica, are skipped, so the bound may be exceeded while they are in use).
     pub fn evict(&self, max_bytes: u64) -> Result<EvictReport, StoreError> {
         let mut blobs = self.blobs()?;
         let mut bytes: u64 = blobs.iter().map(|(_, m)| m.size).sum();
         blobs.sort_by_key(|(_, m)| m.modified);
         let mut report = EvictReport::default();
-        for (digest, seen) in blobs {
-            if bytes <= max_bytes {
-                break;
+        // The least recent, until enough bytes would go; pinned ones here are not even doomed.
+        let mut excess = bytes.saturating_sub(max_bytes);
+        let mut victims = Vec::new();
+        {
+            let pins = self.pins.lock();
+            for (digest, seen) in blobs {
+                if excess == 0 {
+                    break;
+                }
+                if !pins.contains_key(&digest) {
+                    excess = excess.saturating_sub(seen.size);
+                    victims.push((digest, seen));
+                }
             }
-            // Keep it if it was accessed since the listing: it is no longer the least recent.
-            if let Some(size) = self.delete_unleased(&digest, |now| now.modified > seen.modified)? {
+        }
+        for batch in victims.chunks(SWEEP_BATCH) {
+            let digests: Vec<Digest> = batch.iter().map(|(d, _)| d.clone()).collect();
+            let seen = |d: &Digest| batch.iter().find(|(v, _)| v == d).map(|(_, m)| m.modified);
+            // Kept if accessed since the listing: it is no longer the least recent. Eviction
+            // removes referenced blobs too (their records become misses), so no roots are read.
+            let deleted = self.sweep_batch(
+                &digests,
+                || Ok(HashSet::new()),
+                |digest, now| seen(digest).is_none_or(|seen| now.modified > seen),
+            )?;
+            for (digest, size) in deleted {
                 bytes -= size;
                 report.removed.push(digest);
             }
@@ -107,7 +166,8 @@ impl Store {
     }
 
     /// Mark-and-sweep: removes blobs that no linked or derived manifest refers to and that have not
-    /// been written or read for `grace`. Safe while writers and readers run (see the module docs).
+    /// been written or read for `grace`. Safe while writers and readers run, here and on other
+    /// replicas (see the module docs).
     pub fn gc(&self, grace: Duration) -> Result<GcReport, StoreError> {
         let started = SystemTime::now();
         let cutoff = started
@@ -115,15 +175,29 @@ impl Store {
             .unwrap_or(SystemTime::UNIX_EPOCH);
         let marked = self.mark()?;
         let mut report = GcReport::default();
-        for (digest, _) in self.blobs()? {
-            if marked.contains(&digest) {
-                report.referenced += 1;
-                continue;
+        let mut candidates = Vec::new();
+        {
+            let pins = self.pins.lock();
+            for (digest, meta) in self.blobs()? {
+                if marked.contains(&digest) {
+                    report.referenced += 1;
+                } else if meta.modified >= cutoff || pins.contains_key(&digest) {
+                    report.spared += 1;
+                } else {
+                    candidates.push(digest);
+                }
             }
-            match self.delete_unleased(&digest, |m| m.modified >= cutoff)? {
-                Some(_) => report.removed.push(digest),
-                None => report.spared += 1,
-            }
+        }
+        for batch in candidates.chunks(SWEEP_BATCH) {
+            // After the doom marks and the listing of use marks: roots published by users whose
+            // marks were gone by then (module docs of `inuse`).
+            let deleted =
+                self.sweep_batch(batch, || self.mark(), |_, now| now.modified >= cutoff)?;
+            report.spared += batch.len() - deleted.len();
+            report.removed.extend(deleted.into_iter().map(|(d, _)| d));
+        }
+        if let Err(e) = remove_stale_dooms(&*self.backend) {
+            tracing::warn!(error = %e, "removing a dead sweep's doom marks failed");
         }
         Ok(report)
     }

@@ -10,12 +10,13 @@
 //! - [`repo`]: manifest links, tags, listings.
 //! - [`key`]: what fixes a derived artifact's bytes, as a stable key.
 //! - [`gc`]: LRU eviction under a byte bound, mark-and-sweep with a grace period.
+//! - [`inuse`]: use and doom marks, which keep a sweep off the blobs another replica relies on.
 //! - [`fleet`]: leases shared by the replicas on one store (`leases/<name>/<generation>`): one
 //!   conversion per key, one GC sweep at a time.
 //!
 //! Layout (object keys): `blobs/<alg>/<hex>`, `repositories/<name>/_manifests/<alg>/<hex>` (a link:
 //! the manifest is a blob), `repositories/<name>/_tags/<tag>` (the digest's text), `derived/<sha256
-//! of the key's text>`. The `_` prefix cannot begin a repository path component, so a repository
+//! of the key's text>`; for the replicas, `leases/`, `inuse/` and `doomed/`. The `_` prefix cannot begin a repository path component, so a repository
 //! named `a/_tags` cannot exist and the layout is unambiguous.
 //!
 //! The guarantees, and how each maps onto an object store:
@@ -33,10 +34,12 @@
 //! - *Access time*: the modification time, set by [`backend::Backend::touch`]; on S3, where no
 //!   object's time can be set short of rewriting it, an empty marker object written beside it
 //!   (touching happens only when a lease ends, not per read).
-//! - *Leases and GC*: blob leases ([`blob::Lease`]) are per process; across replicas a blob being
-//!   published is protected by the grace period (it must exceed the longest publication), and GC and
-//!   eviction run on one replica at a time, the holder of the fleet lease `gc` ([`fleet`]), as
-//!   distribution/distribution#3937 shows concurrent sweeps on S3 are unsafe.
+//! - *Leases and GC*: blob leases ([`blob::Lease`]) are per process; across replicas a blob a
+//!   replica is about to name (a writer publishing it, new or found stored; a manifest's first link)
+//!   carries a use mark `inuse/…`, and a sweep dooms what it is about to delete (`doomed/…`) before
+//!   it reads the use marks, so a sweep never deletes a blob another replica relies on ([`inuse`]).
+//!   GC and eviction run on one replica at a time, the holder of the fleet lease `gc` ([`fleet`]),
+//!   as distribution/distribution#3937 shows concurrent sweeps on S3 are unsafe.
 
 pub mod backend;
 pub mod blob;
@@ -44,6 +47,7 @@ mod delete;
 pub mod fleet;
 pub mod fs;
 pub mod gc;
+mod inuse;
 pub mod key;
 pub mod names;
 pub mod repo;
@@ -132,11 +136,34 @@ impl std::fmt::Display for Location {
     }
 }
 
+/// Called by a sweep between its last check of a blob and its delete: the tests' way to put
+/// another replica's use of the blob exactly there.
+pub type DeleteHold = Arc<dyn Fn(&Digest) + Send + Sync>;
+
+/// Test hook of the replica tests (tests/fleet_s3.rs): while the file this names exists, a sweep
+/// holds before each delete, for at most [`SWEEP_HOLD_MAX`]. Never set in a deployment.
+const SWEEP_HOLD_VAR: &str = "STRATA_TEST_SWEEP_HOLD";
+/// Within the doom window ([`inuse::DOOM_WINDOW`]), so a held sweep still deletes.
+const SWEEP_HOLD_MAX: std::time::Duration = std::time::Duration::from_secs(6);
+
+fn hold_while_exists(file: PathBuf) -> DeleteHold {
+    Arc::new(move |digest| {
+        let started = std::time::Instant::now();
+        if file.exists() {
+            tracing::warn!(%digest, file = %file.display(), "sweep held before a delete ({SWEEP_HOLD_VAR})");
+        }
+        while file.exists() && started.elapsed() < SWEEP_HOLD_MAX {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    })
+}
+
 /// The store: cheap to clone, shared by every request.
 #[derive(Clone)]
 pub struct Store {
     backend: Arc<dyn Backend>,
     pins: Arc<Pins>,
+    delete_hold: Option<DeleteHold>,
 }
 
 impl Store {
@@ -148,21 +175,33 @@ impl Store {
 
     /// The store at `location`; a bucket must be reachable (and listable) now.
     pub fn open(location: &Location) -> Result<Store, StoreError> {
-        match location {
-            Location::Dir(dir) => Store::open_dir(dir),
+        let store = match location {
+            Location::Dir(dir) => Store::open_dir(dir)?,
             Location::S3(url) => {
                 let bucket = format!("bucket {}", url.bucket);
                 let backend = s3::S3Backend::open(url).map_err(StoreError::io(&bucket))?;
-                Ok(Store::with_backend(Arc::new(backend)))
+                Store::with_backend(Arc::new(backend))
             }
-        }
+        };
+        Ok(match std::env::var_os(SWEEP_HOLD_VAR) {
+            Some(file) => store.with_delete_hold(hold_while_exists(file.into())),
+            None => store,
+        })
     }
 
     pub fn with_backend(backend: Arc<dyn Backend>) -> Store {
         Store {
             backend,
             pins: Arc::default(),
+            delete_hold: None,
         }
+    }
+
+    /// Sweeps of this store call `hold` before each delete (tests only: see [`DeleteHold`]).
+    #[doc(hidden)]
+    pub fn with_delete_hold(mut self, hold: DeleteHold) -> Store {
+        self.delete_hold = Some(hold);
+        self
     }
 
     /// Whether the store answers now (`GET /readyz`), within [`backend::READY_TIMEOUT`].

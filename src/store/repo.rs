@@ -83,10 +83,27 @@ impl Store {
     /// publish order), and leased by the caller until this returns (the leases [`super::Published`]
     /// carries, or [`Store::lease`] for blobs it did not write); the returned lease keeps the
     /// manifest blob until the caller has tagged it or recorded it as derived.
+    ///
+    /// A first link of a manifest into `repo` marks what it names in use for the other replicas'
+    /// sweeps before looking for it ([`super::inuse`]): those blobs may be stored but unreferenced
+    /// (a deleted image's), and the link is what will root them. A link already there roots them.
     pub fn put_manifest(&self, repo: &str, bytes: &[u8]) -> Result<super::Published, StoreError> {
         check_repository(repo)?;
         let digest = Digest::of(bytes);
-        for r in references(&digest, bytes)?.all() {
+        let refs = references(&digest, bytes)?;
+        // Marks, not leases: the caller's leases already cover this process, and a lease's touch
+        // would make every named blob recent for eviction.
+        let _used: Vec<super::inuse::UseMark> = if self.has_manifest(repo, &digest)? {
+            Vec::new()
+        } else {
+            refs.all()
+                .map(|r| {
+                    super::inuse::mark_in_use(&self.backend, r)
+                        .map_err(StoreError::io(&super::blob_key(r)))
+                })
+                .collect::<Result<_, _>>()?
+        };
+        for r in refs.all() {
             if self.stat_blob(r)?.is_none() {
                 return Err(StoreError::MissingBlob {
                     manifest: digest,

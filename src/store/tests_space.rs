@@ -260,3 +260,76 @@ fn delete_unlinks_untags_forgets_and_gc_then_collects() {
     assert!(store.has_manifest("squash/m", &m2).unwrap());
     assert!(store.has_manifest("squash/m", &only2).unwrap());
 }
+
+/// Two replicas on one directory (two `Store`s: pins are per process). Replica A's sweep holds
+/// between its last look at old, unreferenced blobs and its delete; replica B publishes those very
+/// blobs then (they are stored, so its writer only finds them there) and links a manifest to them.
+/// The manifest must keep its blobs: B waits for A's doom marks to go and writes them anew.
+#[test]
+fn a_sweep_on_one_replica_never_deletes_what_another_is_reusing() {
+    let (dir, a) = store();
+    let b = Store::open_dir(dir.path()).unwrap();
+    let (cfg, layer) = (
+        a.put_blob(b"reused cfg").unwrap().digest,
+        a.put_blob(b"reused layer").unwrap().digest,
+    );
+    age(dir.path(), &cfg, 7200);
+    age(dir.path(), &layer, 7200);
+    let reuse = Arc::new(std::sync::Mutex::new(None));
+    let hold: DeleteHold = {
+        let (reuse, b) = (reuse.clone(), b.clone());
+        Arc::new(move |_| {
+            let mut reuse = reuse.lock().unwrap();
+            if reuse.is_some() {
+                return;
+            }
+            let b = b.clone();
+            *reuse = Some(std::thread::spawn(move || {
+                let c = b.put_blob(b"reused cfg").unwrap();
+                let l = b.put_blob(b"reused layer").unwrap();
+                let m = b
+                    .put_manifest("r", &manifest(&c.digest, &[&l.digest]))
+                    .unwrap();
+                (m.digest.clone(), (c.created, l.created))
+            }));
+            // B is done by now, or waiting for the doom marks.
+            std::thread::sleep(Duration::from_millis(300));
+        })
+    };
+    let report = a.clone().with_delete_hold(hold).gc(Duration::ZERO).unwrap();
+    let reused = reuse
+        .lock()
+        .unwrap()
+        .take()
+        .expect("the sweep deleted nothing");
+    let (linked, created) = reused.join().unwrap();
+    let mut removed = report.removed.clone();
+    removed.sort();
+    let mut both = vec![cfg.clone(), layer.clone()];
+    both.sort();
+    assert_eq!(removed, both, "{report:?}");
+    assert_eq!(
+        created,
+        (true, true),
+        "B reused blobs the sweep then deleted"
+    );
+    assert!(
+        a.complete(&linked).unwrap(),
+        "the linked manifest lost a blob"
+    );
+
+    // A use mark seen by the sweep spares an old unreferenced blob until it is dropped.
+    let held = b.put_blob(b"held by B").unwrap();
+    age(dir.path(), &held.digest, 7200);
+    let report = a.gc(Duration::ZERO).unwrap();
+    assert!(!report.removed.contains(&held.digest), "{report:?}");
+    let digest = held.digest.clone();
+    drop(held);
+    age(dir.path(), &digest, 7200);
+    assert!(a.gc(Duration::ZERO).unwrap().removed.contains(&digest));
+    assert!(
+        a.backend.list("inuse/").unwrap().is_empty()
+            && a.backend.list("doomed/").unwrap().is_empty(),
+        "marks left behind"
+    );
+}

@@ -398,6 +398,17 @@ impl Server {
 
     /// Starts a server on an existing cache directory: a restart of an earlier one that used `cache`.
     pub fn start_with_cache(registry: &str, cache: &Path, extra: &[&str], filter: &str) -> Server {
+        Server::start_with_env(registry, cache, extra, filter, &[])
+    }
+
+    /// Same, with more environment variables.
+    pub fn start_with_env(
+        registry: &str,
+        cache: &Path,
+        extra: &[&str],
+        filter: &str,
+        vars: &[(&str, &str)],
+    ) -> Server {
         let cache = cache.to_path_buf();
         // strata refuses `--cache-dir` beside `--no-cache`.
         let cached = !extra.contains(&"--no-cache");
@@ -412,6 +423,7 @@ impl Server {
             .args(cached.then_some("--cache-dir"))
             .args(cached.then_some(&cache))
             .args(extra)
+            .envs(vars.iter().copied())
             .env("RUST_LOG", filter)
             .stderr(Stdio::piped())
             .spawn()
