@@ -8,7 +8,9 @@
 //! - a link whose target an upper layer deleted or replaced gets the target's content itself: the target
 //!   is written under the link's name, and the group's other links point there;
 //! - for a link to an earlier file of the same layer, the merger must know when it meets that file that a
-//!   link will follow: [`LayerHints`], computed from the layer's summary, tell it.
+//!   link will follow, if an upper layer hid the file: [`LayerHints`], computed from the layer's
+//!   summary, tell it. Merged without them ([`Merger::begin_watched`]), a layer is learnt as it comes,
+//!   and a layer that needed them stops the merge ([`NeedsSummary`]).
 
 mod hints;
 pub mod index;
