@@ -4,6 +4,7 @@
 //! with a status and a JSON body, and a merge that stopped for the layers' summaries or outgrew its
 //! bound is run again with them, unseen by the client. A fault found later aborts the transfer.
 
+use std::future::Future;
 use std::io;
 use std::time::Duration;
 
@@ -60,6 +61,45 @@ fn again(e: &io::Error) -> bool {
     caused_by::<NeedsSummary>(e) || caused_by::<SizeExceeded>(e)
 }
 
+/// A prepared response whose body can be held.
+trait Held: Sized {
+    fn body(&mut self) -> &mut ByteStream;
+}
+
+impl Held for Prepared {
+    fn body(&mut self) -> &mut ByteStream {
+        &mut self.body
+    }
+}
+
+impl Held for PreparedAci {
+    fn body(&mut self) -> &mut ByteStream {
+        &mut self.body
+    }
+}
+
+/// `prepared` with its body held; if the conversion must be run again, the one `retry` prepares.
+async fn held<P: Held>(
+    mut prepared: P,
+    retry: impl Future<Output = Result<P, Error>>,
+) -> Result<P, Error> {
+    let body = std::mem::replace(prepared.body(), Box::pin(futures::stream::empty()));
+    match hold(body, HOLD, HOLD_TIME).await {
+        Ok(body) => {
+            *prepared.body() = body;
+            Ok(prepared)
+        }
+        Err(e) if again(&e) => {
+            tracing::info!(error = %e, "converting again with the layers' summaries");
+            let mut prepared = retry.await?;
+            let body = std::mem::replace(prepared.body(), Box::pin(futures::stream::empty()));
+            *prepared.body() = hold(body, HOLD, HOLD_TIME).await.map_err(stream_error)?;
+            Ok(prepared)
+        }
+        Err(e) => Err(stream_error(e)),
+    }
+}
+
 impl Converter {
     /// [`Converter::prepare_planned`], its body held ([`hold`]); `request` plans it again if the
     /// first conversion must be run again.
@@ -69,18 +109,10 @@ impl Converter {
         request: SquashRequest,
     ) -> Result<Prepared, Error> {
         let prepared = self.prepare_planned(planned).await?;
-        match hold(prepared.body, HOLD, HOLD_TIME).await {
-            Ok(body) => Ok(Prepared { body, ..prepared }),
-            Err(e) if again(&e) => {
-                tracing::info!(error = %e, "converting again with the layers' summaries");
-                let prepared = self.prepare_planned(self.plan(request).await?).await?;
-                let body = hold(prepared.body, HOLD, HOLD_TIME)
-                    .await
-                    .map_err(stream_error)?;
-                Ok(Prepared { body, ..prepared })
-            }
-            Err(e) => Err(stream_error(e)),
-        }
+        held(prepared, async {
+            self.prepare_planned(self.plan(request).await?).await
+        })
+        .await
     }
 
     /// [`Converter::prepare_planned_aci`], its body held ([`hold`]).
@@ -90,19 +122,10 @@ impl Converter {
         request: AciRequest,
     ) -> Result<PreparedAci, Error> {
         let prepared = self.prepare_planned_aci(planned).await?;
-        match hold(prepared.body, HOLD, HOLD_TIME).await {
-            Ok(body) => Ok(PreparedAci { body, ..prepared }),
-            Err(e) if again(&e) => {
-                tracing::info!(error = %e, "converting again with the layers' summaries");
-                let prepared = self
-                    .prepare_planned_aci(self.plan_aci(request).await?)
-                    .await?;
-                let body = hold(prepared.body, HOLD, HOLD_TIME)
-                    .await
-                    .map_err(stream_error)?;
-                Ok(PreparedAci { body, ..prepared })
-            }
-            Err(e) => Err(stream_error(e)),
-        }
+        held(prepared, async {
+            self.prepare_planned_aci(self.plan_aci(request).await?)
+                .await
+        })
+        .await
     }
 }

@@ -239,14 +239,10 @@ impl Converter {
         } = planned;
         // An ACI needs no size ahead: only an image whose merge without them stopped once has its
         // summaries read, one layer ahead of the merge.
-        let summaries = match self.store.needs_exact(image.manifest_digest.hex()) {
-            true => {
-                let summaries = self.summaries(&image, &request.credentials, &alive, 1, None);
-                summaries.top().await?;
-                Some(summaries)
-            }
-            false => None,
-        };
+        let summaries = self.summaries_if_needed(&image, &request.credentials, &alive);
+        if let Some(summaries) = &summaries {
+            summaries.top().await?;
+        }
         tracing::info!(
             image = %request.reference,
             manifest = %image.manifest_digest,

@@ -166,6 +166,19 @@ impl Converter {
         }
     }
 
+    /// The summaries a merge beside them reads one layer ahead, for an image whose merge without
+    /// them stopped once; `None` for the others, merged as their layers are read.
+    pub(super) fn summaries_if_needed(
+        &self,
+        image: &ResolvedImage,
+        credentials: &Credentials,
+        alive: &Alive,
+    ) -> Option<Summaries> {
+        self.store
+            .needs_exact(image.manifest_digest.hex())
+            .then(|| self.summaries(image, credentials, alive, 1, None))
+    }
+
     /// The exact merged size: remembered, or from every layer's summary (read `parallel` at a time).
     pub(super) async fn exact_size(
         &self,

@@ -334,10 +334,7 @@ impl Converter {
             None => manifest::resolve_for(&self.source, &image, None, &credentials, limits).await,
         }
         .map_err(super::error::source_error)?;
-        let summaries = match self.store.needs_exact(image.manifest_digest.hex()) {
-            true => Some(self.summaries(&image, &credentials, &alive, 1, None)),
-            false => None,
-        };
+        let summaries = self.summaries_if_needed(&image, &credentials, &alive);
         let compression = self.config.wire_compression;
         let source = format!("{}@{}", image.reference.name(), image.manifest_digest);
         let config = image.config.clone();
