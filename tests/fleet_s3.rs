@@ -173,7 +173,7 @@ fn concurrent_squash_requests_over_two_replicas_make_one_conversion() {
     }
     let stored: Vec<usize> = replicas
         .iter()
-        .map(|r| r.logged("strata::convert::cached: stored tarball"))
+        .map(|r| r.logged("strata::convert::tee: stored tarball"))
         .collect();
     assert_eq!(
         stored.iter().sum::<usize>(),

@@ -278,14 +278,11 @@ fn a_merged_layer_outgrowing_its_announced_size_aborts_and_the_next_request_succ
     // A whole conversion remembers the exact size; its stored copy is then taken away, so the
     // next request converts again, sized by what is remembered.
     let first = body_of(&server, &r);
-    let stored = {
-        use sha2::Digest;
-        server
-            .cache
-            .join("store/blobs/sha256")
-            .join(hex::encode(sha2::Sha256::digest(&first)))
-    };
-    std::fs::remove_file(stored).unwrap();
+    let store = server.cache.join("store");
+    assert!(stored_whole(&store, &first));
+    for part in stored_parts(&store, &first) {
+        std::fs::remove_file(part).unwrap();
+    }
 
     // Make the remembered merged size of this image too small, as a wrong estimate would be.
     let sizes: Vec<_> = std::fs::read_dir(server.cache.join("sizes"))

@@ -1,13 +1,16 @@
 //! The body channel's writer: output bytes in bounded chunks to the response, with an optional tap
 //! that hands one range of them to a thread of its own (a digest, a signature).
 
+use std::collections::VecDeque;
 use std::io::{self, Write};
 
 use bytes::{Bytes, BytesMut};
+use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc;
 
-use super::cached::TeeThread;
+use super::tee::TeeThread;
 use super::CHUNK;
+use crate::digest::Digest;
 use crate::store::BlobWriter;
 
 /// `Write` into the body channel, in [`CHUNK`]-sized pieces. A closed channel (the client went away)
@@ -23,6 +26,11 @@ pub(super) struct ChannelWriter {
     tap: Option<Tap>,
     /// Where every byte sent also goes (the store).
     tee: Option<TeeThread>,
+    /// Stream offsets where the tee starts another part, and whether that part is named by the
+    /// tap's digest.
+    cuts: VecDeque<(u64, bool)>,
+    /// The digest of the tapped range, once known, when the tee stores that range as a part.
+    part_name: Option<Digest>,
 }
 
 /// Chunks queued for a tap thread; it keeps pace with the body, so a few suffice.
@@ -34,6 +42,8 @@ struct Tap {
     end: u64,
     /// Offset up to which the tap has been fed.
     fed: u64,
+    /// Whether its result names the tee's part of the same range.
+    names_part: bool,
     tx: std::sync::mpsc::SyncSender<Bytes>,
     thread: std::thread::JoinHandle<io::Result<Vec<u8>>>,
 }
@@ -62,27 +72,68 @@ impl ChannelWriter {
             sent: 0,
             tap: None,
             tee: None,
+            cuts: VecDeque::new(),
+            part_name: None,
         }
     }
 
-    /// Writes everything sent from now on into `writer` too.
-    pub(super) fn set_tee(&mut self, writer: Option<BlobWriter>) {
-        self.tee = writer.and_then(TeeThread::start);
+    /// Writes everything sent from now on into the store too.
+    pub(super) fn set_tee(&mut self, tee: Option<TeeThread>) {
+        self.tee = tee;
     }
 
-    /// The tee's writer with everything written so far, bytes not yet sent included: the caller
-    /// can publish them before the client receives the last of them. `None` if writing failed.
-    pub(super) fn take_tee(&mut self) -> Option<BlobWriter> {
-        let tee = self.tee.take()?;
-        if !self.buf.is_empty() && !tee.feed(Bytes::copy_from_slice(&self.buf)) {
-            return None;
+    /// The tee's writers (its parts) with everything written so far, bytes not yet sent included.
+    /// `None` if writing failed.
+    pub(super) fn take_tee(&mut self) -> Option<Vec<BlobWriter>> {
+        if !self.buf.is_empty() {
+            let pending = Bytes::copy_from_slice(&self.buf);
+            self.feed_tee(&pending, self.sent);
         }
-        tee.finish()
+        let mut parts = self.tee.take()?.finish()?;
+        if let Some(name) = self.part_name.take() {
+            parts.iter_mut().for_each(|p| p.name(name.clone()));
+        }
+        Some(parts)
+    }
+
+    /// Feeds `chunk` (at stream offset `offset`) to the tee, cut where its parts begin.
+    fn feed_tee(&mut self, chunk: &Bytes, offset: u64) {
+        let Some(tee) = &self.tee else {
+            return;
+        };
+        let end = offset + chunk.len() as u64;
+        let mut from = 0;
+        let mut alive = true;
+        while let Some(&(at, named)) = self.cuts.front().filter(|(at, _)| *at <= end) {
+            debug_assert!(at >= offset, "a cut behind the bytes sent");
+            let to = (at.max(offset) - offset) as usize;
+            alive &= from == to || tee.feed(chunk.slice(from..to));
+            alive &= tee.cut(named);
+            from = to;
+            self.cuts.pop_front();
+        }
+        alive &= from == chunk.len() || tee.feed(chunk.slice(from..));
+        if !alive {
+            self.tee = None;
+        }
     }
 
     /// Stream offset of the next byte written.
     pub(super) fn position(&self) -> u64 {
         self.sent + self.buf.len() as u64
+    }
+
+    /// Taps the next `len` bytes for their sha256 (`sha256:…`, from [`ChannelWriter::finish_tap`]),
+    /// and has the tee store them as a part of their own named by it, so the store does not hash
+    /// them again.
+    pub(super) fn tap_next_sha256(&mut self, len: u64) {
+        self.tap_next(len, sha256_tap);
+        if self.tee.is_some() {
+            let start = self.position();
+            self.cuts.push_back((start, true));
+            self.cuts.push_back((start + len, false));
+            self.tap.as_mut().expect("just set").names_part = true;
+        }
     }
 
     /// Hands the next `len` bytes written (`u64::MAX`: all the rest) to `consume` on its own thread.
@@ -100,6 +151,7 @@ impl ChannelWriter {
             start,
             end: start.saturating_add(len),
             fed: start,
+            names_part: false,
             tx,
             thread,
         });
@@ -117,11 +169,24 @@ impl ChannelWriter {
             let pending = Bytes::copy_from_slice(&self.buf);
             tap.feed(&pending, self.sent)?;
         }
-        let Tap { tx, thread, .. } = tap;
+        let Tap {
+            tx,
+            thread,
+            names_part,
+            ..
+        } = tap;
         drop(tx);
-        thread
+        let result = thread
             .join()
-            .map_err(|_| io::Error::other("tap thread panicked"))?
+            .map_err(|_| io::Error::other("tap thread panicked"))??;
+        if names_part {
+            let digest = std::str::from_utf8(&result)
+                .ok()
+                .and_then(|d| Digest::parse(d).ok());
+            self.part_name =
+                Some(digest.ok_or_else(|| io::Error::other("the tap gave no digest"))?);
+        }
+        Ok(result)
     }
 
     fn send(&mut self) -> io::Result<()> {
@@ -135,9 +200,7 @@ impl ChannelWriter {
         if let Some(tap) = &mut self.tap {
             tap.feed(&chunk, offset)?;
         }
-        if self.tee.as_ref().is_some_and(|t| !t.feed(chunk.clone())) {
-            self.tee = None;
-        }
+        self.feed_tee(&chunk, offset);
         self.tx
             .blocking_send(Ok(chunk))
             .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "client went away"))
@@ -157,4 +220,13 @@ impl Write for ChannelWriter {
     fn flush(&mut self) -> io::Result<()> {
         self.send()
     }
+}
+
+/// `sha256:…` of every chunk received.
+fn sha256_tap(chunks: std::sync::mpsc::Receiver<Bytes>) -> io::Result<Vec<u8>> {
+    let mut hasher = Sha256::new();
+    for chunk in chunks {
+        hasher.update(&chunk);
+    }
+    Ok(format!("sha256:{}", hex::encode(hasher.finalize())).into_bytes())
 }

@@ -1,15 +1,15 @@
 //! The tarball routes' outputs (docker-load archives, ACIs) kept in the content-addressed store: a
-//! conversion's bytes are written into a blob as they stream ([`Tee`]) and published only when the
-//! conversion succeeded; a repeat finds them by their [`ArtifactKey`] and streams the blob instead of
-//! converting again.
+//! conversion's bytes are written into blobs as they stream ([`super::tee`]) and published only when
+//! the conversion succeeded; a repeat finds them by their [`ArtifactKey`] and streams the blobs
+//! instead of converting again.
 //!
 //! The derived record names a small descriptor, not the tarball itself: GC's mark and
 //! [`Store::complete`] read a record's target as a manifest (bounded to a few MiB) and follow its
-//! `layers`, so a descriptor listing the tarball as its one layer keeps the tarball rooted, and an
-//! evicted tarball makes the record a miss, with no change to the store. Recording the tarball's
+//! `layers`, so a descriptor listing the tarball's parts as its layers keeps them rooted, and an
+//! evicted part makes the record a miss, with no change to the store. Recording the tarball's
 //! digest directly would make the mark read a GiB blob as JSON and stop GC.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -21,8 +21,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use super::{AciRequest, ByteStream, Converter, Error, Planned, PlannedAci};
 use crate::digest::Digest;
 use crate::sign::Signer;
-use crate::store::fleet::{FleetLease, Leases};
-use crate::store::{ArtifactKey, BlobReader, BlobWriter, Lease, Store, StoreError};
+use crate::store::{ArtifactKey, BlobReader, Lease, Store, StoreError};
 
 /// Media type of the descriptor a tarball's record names.
 const DESCRIPTOR_TYPE: &str = "application/vnd.strata.tarball.v1+json";
@@ -36,7 +35,10 @@ const STORED_DEPTH: usize = 4;
 /// A stored conversion output.
 #[derive(Debug, Clone)]
 pub struct StoredTarball {
-    pub digest: Digest,
+    /// The blobs whose bytes, one after the other, it is, with their sizes. A squash is three: its
+    /// layer member's content (named by the diff_id its hashing for the config gave, so the store
+    /// does not hash those bytes again) and what comes before and after; an ACI is one.
+    pub parts: Vec<(Digest, u64)>,
     /// Exact length of the bytes.
     pub size: u64,
     /// The validator the bytes were sent with when they were made (a squash's depends on how its
@@ -72,119 +74,19 @@ pub(super) fn aci_key(identity: &crate::format::aci::Identity) -> ArtifactKey {
         .option("repository", &identity.repository)
 }
 
-/// Where a conversion's bytes go in the store: [`Tee::writer`] when the conversion starts, then
-/// [`Tee::publish`] once they are all written. A writer dropped unpublished (a failure, a client
-/// gone) leaves nothing visible.
-pub(super) struct Tee {
-    store: Store,
-    key: ArtifactKey,
-    /// Exact length the output must have, when announced ahead (a squash's `Content-Length`).
-    expected: Option<u64>,
-    /// The validator the output is sent with, kept for repeats of the stored bytes.
-    etag: Option<String>,
-    /// `--cache-max-bytes`: enforced after each tarball is stored, as after each registry-view
-    /// conversion.
-    max_bytes: Option<u64>,
-    metrics: Arc<crate::metrics::Metrics>,
-    /// Whose turn eviction is, on a store shared by replicas.
-    leases: Option<Arc<Leases>>,
-    /// The key's fleet lease, held while the conversion runs and released once its record is
-    /// published (or, unpublished, when the tee is dropped with the conversion): requests for the
-    /// same bytes wait for the record meanwhile ([`super::fleet`]).
-    converting: Option<FleetLease>,
-}
-
-impl Tee {
-    /// A new blob for the bytes; a store that cannot take it is logged and the conversion goes on
-    /// unstored.
-    pub(super) fn writer(&self) -> Option<BlobWriter> {
-        self.store
-            .blob_writer(None)
-            .inspect_err(|e| tracing::warn!(error = %e, key = %self.key, "cannot write into the store; not storing"))
-            .ok()
-    }
-
-    /// Publishes the blob, then its descriptor and record. `writer`: `None` if writing into it
-    /// failed; `written`: what the conversion wrote, to compare with what was announced. A store
-    /// failure is logged, not the conversion's: the client has its bytes, and the next request
-    /// converts again.
-    pub(super) fn publish(self, writer: Option<BlobWriter>, written: u64) {
-        let Tee {
-            store,
-            key,
-            expected,
-            etag,
-            max_bytes,
-            metrics,
-            leases,
-            converting,
-        } = self;
-        if expected.is_some_and(|e| e != written) {
-            tracing::error!(written, ?expected, %key, "output length differs from the announced one; not stored");
-            return;
-        }
-        let Some(writer) = writer else {
-            return; // what failed was logged when it did
-        };
-        let started = std::time::Instant::now();
-        let stored = (|| {
-            let blob = writer.finish()?;
-            let descriptor =
-                store.put_blob(&descriptor(&blob.digest, blob.size, etag.as_deref()))?;
-            store.put_derived(&key, &descriptor.digest)?;
-            // The leases are held until the record that roots both exists.
-            drop(descriptor);
-            Ok::<_, StoreError>(blob)
-        })();
-        match stored {
-            Ok(blob) => tracing::info!(
-                digest = %blob.digest,
-                bytes = blob.size,
-                %key,
-                publish_ms = started.elapsed().as_millis() as u64,
-                "stored tarball"
-            ),
-            Err(e) => {
-                tracing::warn!(error = %e, %key, "storing the tarball failed");
-                return;
-            }
-        }
-        if converting.as_ref().is_some_and(FleetLease::lost) {
-            tracing::warn!(%key, "converted under a lease another replica took over");
-        }
-        // Released now that the record exists, so the requests waiting for it find it.
-        drop(converting);
-        // Apart, so the last bytes are not held back by it.
-        if let Some(max) = max_bytes {
-            std::thread::spawn(move || {
-                let Some(_lease) = super::space::space_turn(leases.as_deref()) else {
-                    return;
-                };
-                match store.evict(max) {
-                    Ok(r) if !r.removed.is_empty() => {
-                        metrics.store_evicted(r.removed.len());
-                        tracing::info!(
-                            removed = r.removed.len(),
-                            bytes_left = r.bytes,
-                            "evicted least recently used blobs"
-                        )
-                    }
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "eviction failed"),
-                }
-            });
-        }
-    }
-}
-
 /// Annotation of a descriptor: the validator its tarball was sent with.
 const ETAG_ANNOTATION: &str = "org.strata.etag";
 
-fn descriptor(digest: &Digest, size: u64, etag: Option<&str>) -> Vec<u8> {
+/// The descriptor of a tarball stored as `parts`, the blobs whose bytes, one after the other, it is.
+pub(super) fn descriptor(parts: &[(Digest, u64)], etag: Option<&str>) -> Vec<u8> {
+    let layers: Vec<Value> = parts
+        .iter()
+        .map(|(digest, size)| json!({"mediaType": "application/x-tar", "digest": digest.to_string(), "size": size}))
+        .collect();
     let mut doc = json!({
         "schemaVersion": 2,
         "mediaType": DESCRIPTOR_TYPE,
-        "layers": [{"mediaType": "application/x-tar", "digest": digest.to_string(), "size": size}],
+        "layers": layers,
     });
     if let Some(etag) = etag {
         doc["annotations"] = json!({ ETAG_ANNOTATION: etag });
@@ -213,21 +115,50 @@ pub(super) fn lookup(
     if doc["mediaType"] != DESCRIPTOR_TYPE {
         return Err(damaged("not a tarball descriptor"));
     }
-    let layer = &doc["layers"][0];
-    let digest = Digest::parse(layer["digest"].as_str().unwrap_or_default())?;
-    let size = layer["size"].as_u64().ok_or_else(|| damaged("no size"))?;
-    // Evicted (or, impossibly for a verified blob, of another size): convert again.
-    Ok(match store.stat_blob(&digest)? {
-        Some(meta) if meta.size == size => Some(StoredTarball {
-            digest,
-            size,
-            etag: doc["annotations"][ETAG_ANNOTATION]
-                .as_str()
-                .map(str::to_string),
-            descriptor: record,
-        }),
-        _ => None,
-    })
+    let mut parts = Vec::new();
+    for layer in doc["layers"]
+        .as_array()
+        .ok_or_else(|| damaged("no parts"))?
+    {
+        let digest = Digest::parse(layer["digest"].as_str().unwrap_or_default())?;
+        let size = layer["size"].as_u64().ok_or_else(|| damaged("no size"))?;
+        // Evicted (or, impossibly for a verified blob, of another size): convert again.
+        match store.stat_blob(&digest)? {
+            Some(meta) if meta.size == size => parts.push((digest, size)),
+            _ => return Ok(None),
+        }
+    }
+    if parts.is_empty() {
+        return Err(damaged("no parts"));
+    }
+    Ok(Some(StoredTarball {
+        size: parts.iter().map(|(_, size)| size).sum(),
+        parts,
+        etag: doc["annotations"][ETAG_ANNOTATION]
+            .as_str()
+            .map(str::to_string),
+        descriptor: record,
+    }))
+}
+
+/// A stored tarball's bytes (or a range of them) being read: its parts' readers, one after the
+/// other, each leased while open.
+pub(super) struct TarballReader {
+    parts: std::collections::VecDeque<BlobReader>,
+    /// The bytes it yields.
+    pub(super) len: u64,
+}
+
+impl Read for TarballReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while let Some(part) = self.parts.front_mut() {
+            match part.read(buf)? {
+                0 if !buf.is_empty() => drop(self.parts.pop_front()),
+                n => return Ok(n),
+            }
+        }
+        Ok(0)
+    }
 }
 
 /// The tarball opened for reading, and its descriptor leased: both are used, so both become recent
@@ -237,9 +168,21 @@ fn open(
     store: &Store,
     tarball: &StoredTarball,
     range: Option<Range<u64>>,
-) -> Result<(BlobReader, Option<Lease>), StoreError> {
+) -> Result<(TarballReader, Option<Lease>), StoreError> {
     let descriptor = store.lease(&tarball.descriptor)?;
-    Ok((store.open_blob(&tarball.digest, range)?, descriptor))
+    let range = range.unwrap_or(0..tarball.size);
+    let mut parts = std::collections::VecDeque::new();
+    let mut start = 0;
+    for (digest, size) in &tarball.parts {
+        let end = start + size;
+        let (from, to) = (range.start.clamp(start, end), range.end.clamp(start, end));
+        if from < to {
+            parts.push_back(store.open_blob(digest, Some(from - start..to - start))?);
+        }
+        start = end;
+    }
+    let len = range.end.saturating_sub(range.start);
+    Ok((TarballReader { parts, len }, descriptor))
 }
 
 async fn blocking<T: Send + 'static>(
@@ -251,32 +194,19 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl Converter {
-    /// Where the output known by `key` goes in the store, if there is one; `converting` is the
-    /// key's fleet lease, held until the output is published.
-    pub(super) fn tee(
-        &self,
-        key: &ArtifactKey,
-        expected: Option<u64>,
-        etag: Option<&str>,
-        converting: Option<FleetLease>,
-    ) -> Option<Tee> {
-        Some(Tee {
-            store: self.images.clone()?,
-            key: key.clone(),
-            expected,
-            etag: etag.map(str::to_string),
-            max_bytes: self.config.store_max_bytes,
-            metrics: self.metrics.clone(),
-            leases: self.leases.clone(),
-            converting,
-        })
-    }
-
     async fn stored(&self, key: &ArtifactKey) -> Option<StoredTarball> {
         let store = self.images.clone()?;
         let key = key.clone();
         let shown = key.to_string();
-        let found = match blocking(move || lookup(&store, &key)).await {
+        let look = || {
+            let (store, key) = (store.clone(), key.clone());
+            blocking(move || lookup(&store, &key))
+        };
+        let mut found = look().await;
+        if matches!(found, Ok(None)) && self.publishing.wait(&key).await {
+            found = look().await;
+        }
+        let found = match found {
             Ok(found) => found,
             // The store is an optimisation here: a damaged record is converted again, not an error.
             Err(e) => {
@@ -311,7 +241,10 @@ impl Converter {
         };
         let tarball = tarball.clone();
         match blocking(move || open(&store, &tarball, range)).await {
-            Ok((reader, descriptor)) => Ok(Some(stream_blob(reader, descriptor))),
+            Ok((reader, descriptor)) => {
+                let len = reader.len;
+                Ok(Some(stream_blob(reader, len, descriptor)))
+            }
             Err(StoreError::BlobUnknown(_)) => Ok(None),
             Err(e) => Err(Error::Internal(e.to_string())),
         }
@@ -334,7 +267,7 @@ impl Converter {
             },
         };
         let signed = blocking(move || {
-            let reader = store.open_blob(&tarball.digest, None)?;
+            let (reader, _descriptor) = open(&store, &tarball, None)?;
             sign_blob(reader, &signer).map_err(StoreError::io("signing a stored ACI"))
         })
         .await;
@@ -366,7 +299,7 @@ impl Converter {
 }
 
 /// A stored ACI's signature: the blob read here, hashed and signed on a thread of its own.
-fn sign_blob(mut reader: BlobReader, signer: &Arc<Signer>) -> io::Result<Vec<u8>> {
+fn sign_blob(mut reader: TarballReader, signer: &Arc<Signer>) -> io::Result<Vec<u8>> {
     let (tx, rx) = std::sync::mpsc::sync_channel::<Bytes>(STORED_DEPTH);
     let signing = {
         let signer = signer.clone();
@@ -374,7 +307,7 @@ fn sign_blob(mut reader: BlobReader, signer: &Arc<Signer>) -> io::Result<Vec<u8>
             .name("strata-sign".into())
             .spawn(move || signer.sign_stream(rx))?
     };
-    let mut left = reader.range.end - reader.range.start;
+    let mut left = reader.len;
     while left > 0 {
         let chunk = read_chunk(&mut reader, left.min(STORED_CHUNK as u64) as usize)?;
         left -= chunk.len() as u64;
@@ -388,14 +321,19 @@ fn sign_blob(mut reader: BlobReader, signer: &Arc<Signer>) -> io::Result<Vec<u8>
         .map_err(|_| io::Error::other("signing thread panicked"))?
 }
 
-/// A stored blob's bytes as a body (tarball repeats and the registry view's blobs), read on a
-/// blocking thread in [`STORED_CHUNK`]s, leased until the end. A read failure or a blob
-/// shorter than its range ends the stream with an error, so the transfer is aborted, never short.
-pub fn stream_blob(mut reader: BlobReader, descriptor: Option<Lease>) -> ByteStream {
+/// `len` stored bytes as a body (tarball repeats and the registry view's blobs), read on a
+/// blocking thread in [`STORED_CHUNK`]s, the reader (and `descriptor`) leased until the end. A read
+/// failure or fewer bytes than `len` end the stream with an error, so the transfer is aborted,
+/// never short.
+pub fn stream_blob(
+    mut reader: impl Read + Send + 'static,
+    len: u64,
+    descriptor: Option<Lease>,
+) -> ByteStream {
     let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(STORED_DEPTH);
     tokio::task::spawn_blocking(move || {
         let _leased = descriptor;
-        let mut left = reader.range.end - reader.range.start;
+        let mut left = len;
         while left > 0 {
             let want = left.min(STORED_CHUNK as u64) as usize;
             let chunk = match read_chunk(&mut reader, want) {
@@ -455,49 +393,6 @@ pub fn window(inner: ByteStream, range: Range<u64>) -> ByteStream {
             return std::task::Poll::Ready(Some(Ok(chunk.slice(from as usize..to as usize))));
         }
     }))
-}
-
-/// Chunks queued for the store's writer thread: 4 MiB, enough to ride out a slow write.
-const TEE_DEPTH: usize = 16;
-
-/// The store's copy of a body, written on a thread of its own: the disk write overlaps the merge,
-/// and the chunks are shared with the body, not copied. A failing write stops only the storing.
-pub(super) struct TeeThread {
-    tx: std::sync::mpsc::SyncSender<Bytes>,
-    thread: std::thread::JoinHandle<Option<BlobWriter>>,
-}
-
-impl TeeThread {
-    pub(super) fn start(mut writer: BlobWriter) -> Option<TeeThread> {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Bytes>(TEE_DEPTH);
-        let thread = std::thread::Builder::new()
-            .name("strata-store".into())
-            .spawn(move || {
-                for chunk in rx {
-                    if let Err(e) = writer.write_all(&chunk) {
-                        tracing::warn!(error = %e, "writing into the store failed; not storing");
-                        return None;
-                    }
-                }
-                Some(writer)
-            })
-            .inspect_err(
-                |e| tracing::warn!(error = %e, "no thread to store the output; not storing"),
-            )
-            .ok()?;
-        Some(TeeThread { tx, thread })
-    }
-
-    /// Queues a chunk; `false` once the writer has given up.
-    pub(super) fn feed(&self, chunk: Bytes) -> bool {
-        self.tx.send(chunk).is_ok()
-    }
-
-    /// The writer, every chunk fed written into it; `None` if a write failed.
-    pub(super) fn finish(self) -> Option<BlobWriter> {
-        drop(self.tx);
-        self.thread.join().ok().flatten()
-    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,9 @@
 //! The tarball store's rules, on a directory store.
 
 use super::*;
+use crate::convert::tee::Tee;
 use futures::StreamExt;
+use std::io::Write;
 
 fn chunks(sizes: &[usize]) -> ByteStream {
     let mut n = 0u8;
@@ -35,26 +37,23 @@ async fn window_cuts_across_chunks() {
 
 #[test]
 fn descriptor_roots_the_tarball_for_gc() {
-    let d = Digest::of(b"tarball");
-    let bytes = descriptor(&d, 7, None);
+    let parts: Vec<_> = [&b"head"[..], b"layer", b"tail"]
+        .iter()
+        .map(|p| (Digest::of(p), p.len() as u64))
+        .collect();
+    let bytes = descriptor(&parts, None);
     let refs = crate::store::repo::references(&Digest::of(&bytes), &bytes).unwrap();
-    assert_eq!(refs.blobs, vec![d]);
+    assert_eq!(
+        refs.blobs,
+        parts.into_iter().map(|(d, _)| d).collect::<Vec<_>>()
+    );
 }
 
 fn publish(store: &Store, key: &ArtifactKey, bytes: &[u8], expected: u64) {
-    let tee = Tee {
-        store: store.clone(),
-        key: key.clone(),
-        expected: Some(expected),
-        etag: Some("made-with".into()),
-        max_bytes: None,
-        metrics: Arc::default(),
-        leases: None,
-        converting: None,
-    };
-    let mut w = tee.writer().unwrap();
-    w.write_all(bytes).unwrap();
-    tee.publish(Some(w), bytes.len() as u64);
+    let tee = Tee::for_test(store, key, Some(expected), Some("made-with".into()));
+    let thread = tee.start().unwrap();
+    assert!(thread.feed(Bytes::copy_from_slice(bytes)));
+    tee.publish(thread.finish(), bytes.len() as u64);
 }
 
 /// Makes every blob look older than any grace period: only references keep them from GC then.
@@ -86,7 +85,8 @@ fn published_tarballs_are_found_kept_by_gc_and_missed_once_evicted() {
     );
     publish(&store, &key, b"12345", 5);
     let found = lookup(&store, &key).unwrap().expect("stored");
-    assert_eq!((found.digest, found.size), (Digest::of(b"12345"), 5));
+    assert_eq!(found.parts, vec![(Digest::of(b"12345"), 5)]);
+    assert_eq!(found.size, 5);
     assert_eq!(
         found.etag.as_deref(),
         Some("made-with"),
@@ -133,4 +133,63 @@ fn keys_separate_what_changes_the_bytes() {
     assert_ne!(base, squash_key(&m, Some("a:c"), "r/x"));
     assert_ne!(base, squash_key(&m, Some("a:b"), "s/x"));
     assert_ne!(base, squash_key(&Digest::of(b"n"), Some("a:b"), "r/x"));
+}
+
+/// A squash's layer member is stored as a part of its own, named by the digest its tap computed (not
+/// hashed again), whatever the chunks' boundaries; the parts read back as the bytes sent, whole and
+/// in ranges across them.
+#[test]
+fn a_tapped_range_is_stored_as_a_part_named_by_its_digest() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_dir(dir.path()).unwrap();
+    let key = squash_key(&Digest::of(b"m"), None, "r/x");
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let (head, layer) = (100_003, 2_500_000);
+    let tee = Tee::for_test(&store, &key, Some(data.len() as u64), None);
+    let (tx, mut rx) = mpsc::channel(1024);
+    let mut out = super::super::body::ChannelWriter::new(tx);
+    out.set_tee(tee.start());
+    out.write_all(&data[..head]).unwrap();
+    out.flush().unwrap();
+    out.tap_next_sha256(layer as u64);
+    for piece in data[head..head + layer].chunks(77_777) {
+        out.write_all(piece).unwrap();
+    }
+    let tapped = String::from_utf8(out.finish_tap().unwrap()).unwrap();
+    assert_eq!(tapped, Digest::of(&data[head..head + layer]).to_string());
+    out.write_all(&data[head + layer..]).unwrap();
+    out.flush().unwrap();
+    let parts = out.take_tee();
+    tee.publish(parts, data.len() as u64);
+    let mut sent = Vec::new();
+    while let Ok(chunk) = rx.try_recv() {
+        sent.extend_from_slice(&chunk.unwrap());
+    }
+    assert_eq!(sent, data);
+
+    let found = lookup(&store, &key).unwrap().expect("stored");
+    let expected: Vec<_> = [
+        &data[..head],
+        &data[head..head + layer],
+        &data[head + layer..],
+    ]
+    .iter()
+    .map(|p| (Digest::of(p), p.len() as u64))
+    .collect();
+    assert_eq!(found.parts, expected);
+    for range in [
+        0..data.len() as u64,
+        5..head as u64 + 1,
+        2_000_000..2_900_000,
+        2_999_999..3_000_000,
+    ] {
+        let (mut reader, _) = open(&store, &found, Some(range.clone())).unwrap();
+        let mut back = Vec::new();
+        reader.read_to_end(&mut back).unwrap();
+        assert_eq!(reader.len, range.end - range.start);
+        assert!(
+            back == data[range.start as usize..range.end as usize],
+            "{range:?}"
+        );
+    }
 }

@@ -4,8 +4,6 @@
 use std::io::{self, BufReader, Write};
 use std::sync::Arc;
 
-use bytes::Bytes;
-use sha2::{Digest as _, Sha256};
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -13,9 +11,9 @@ use tokio_util::io::{StreamReader, SyncIoBridge};
 use tracing::Instrument;
 
 use super::body::ChannelWriter;
-use super::cached::Tee;
 use super::error::{caused_by, layer_error_io, source_error, FetchFailed};
 use super::prepass::Summaries;
+use super::tee::Tee;
 use super::{ByteStream, CHANNEL_DEPTH, READ_BUF};
 use crate::entry;
 use crate::format::aci::{AciArchive, RootfsSink};
@@ -98,33 +96,43 @@ impl Job {
             let _enter = span.enter();
             let _timed = self._alive.time(format);
             let mut out = ChannelWriter::new(tx.clone());
-            out.set_tee(tee.as_ref().and_then(Tee::writer));
+            out.set_tee(tee.as_ref().and_then(Tee::start));
             let result = self.run(&mut out, &handle).and_then(|merged| {
-                // Remembered and published before the last bytes leave: a client that has them
-                // all and asks again is served the stored copy, or else an exact size. Not
-                // before the conversion has succeeded: a cut first download must find the same
-                // (bound) bytes to resume.
+                // Remembered before the last bytes leave, not before the conversion has
+                // succeeded: a cut first download must find the same (bound) bytes to resume.
                 if let (Some(size), Output::Docker { bounded: true, .. }) = (merged, &self.output) {
                     self.store.save_size(self.image.manifest_digest.hex(), size);
                 }
-                if let Some(tee) = tee {
-                    tee.publish(out.take_tee(), out.position());
-                }
-                out.flush()
+                let announced = tee.as_ref().map(Tee::announce);
+                out.flush()?;
+                Ok(announced)
             });
-            if let Err(e) = result {
-                if caused_by::<SizeExceeded>(&e) {
-                    self.outgrown();
+            let e = match result {
+                Ok(_announced) => {
+                    // Published after the last bytes left, so the client does not wait for the
+                    // store's writes and fsync. The tee holds the key's lease until the record
+                    // exists: a request for the same bytes meanwhile waits for it and is served
+                    // the stored copy, not a conversion of its own (which would be sized exactly).
+                    let (tee, written) = (tee.map(|t| (t, out.take_tee())), out.position());
+                    drop((out, tx));
+                    if let Some((tee, writer)) = tee {
+                        tee.publish(writer, written);
+                    }
+                    return;
                 }
-                if caused_by::<NeedsSummary>(&e) {
-                    self.needs_summaries(&e);
-                }
-                if e.kind() == io::ErrorKind::BrokenPipe {
-                    tracing::info!("client went away; conversion stopped");
-                } else {
-                    tracing::error!(error = %e, "conversion failed after the response started");
-                    let _ = tx.blocking_send(Err(e));
-                }
+                Err(e) => e,
+            };
+            if caused_by::<SizeExceeded>(&e) {
+                self.outgrown();
+            }
+            if caused_by::<NeedsSummary>(&e) {
+                self.needs_summaries(&e);
+            }
+            if e.kind() == io::ErrorKind::BrokenPipe {
+                tracing::info!("client went away; conversion stopped");
+            } else {
+                tracing::error!(error = %e, "conversion failed after the response started");
+                let _ = tx.blocking_send(Err(e));
             }
         });
         Box::pin(ReceiverStream::new(rx))
@@ -203,7 +211,7 @@ impl Job {
         archive.write_head(out)?;
         // The first byte leaves now, not when a chunk fills: the client learns the transfer has begun.
         out.flush()?;
-        out.tap_next(archive.layer_size(), sha256_tap);
+        out.tap_next_sha256(archive.layer_size());
         let mut layer_out = LayerWriter::new(&mut *out, archive.layer_size());
         let mut sink = TarSink(&mut layer_out);
         self.merge_layers(&mut sink, handle)?;
@@ -287,15 +295,6 @@ impl Job {
         }
         merger.finish(sink).map_err(io::Error::from)
     }
-}
-
-/// `sha256:…` of every chunk received.
-fn sha256_tap(chunks: std::sync::mpsc::Receiver<Bytes>) -> io::Result<Vec<u8>> {
-    let mut hasher = Sha256::new();
-    for chunk in chunks {
-        hasher.update(&chunk);
-    }
-    Ok(format!("sha256:{}", hex::encode(hasher.finalize())).into_bytes())
 }
 
 /// A layer fetch started on the runtime; aborted if dropped before it is waited for.

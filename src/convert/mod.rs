@@ -25,6 +25,7 @@ mod plan;
 mod prepass;
 mod space;
 mod stored;
+mod tee;
 mod wire;
 
 use std::path::PathBuf;
@@ -251,6 +252,7 @@ pub struct Converter {
     flights: stored::Flights,
     /// Tarball requests waiting for another conversion of their bytes, one store watch per key.
     tarball_waits: fleet::Watches,
+    publishing: Arc<tee::Publishing>,
     access: access::AccessCache,
     metrics: Arc<Metrics>,
 }
@@ -300,6 +302,7 @@ impl Converter {
             leases,
             flights: stored::Flights::default(),
             tarball_waits: fleet::Watches::default(),
+            publishing: Arc::default(),
             access: access::AccessCache::default(),
         })
     }

@@ -157,7 +157,7 @@ pub(super) async fn stored(
     } else {
         None
     };
-    tracing::info!(digest = %tarball.digest, bytes = tarball.size, ?ranged, "serving a stored tarball");
+    tracing::info!(first_part = %tarball.parts[0].0, bytes = tarball.size, ?ranged, "serving a stored tarball");
     Ok(Some(respond(
         req,
         headers,

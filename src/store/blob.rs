@@ -90,6 +90,10 @@ enum Check {
     Expected(Box<Verifier>, Digest),
     /// Unknown until the end (a conversion's output): sha256 of whatever arrives.
     Computed(Sha256),
+    /// Given by the caller before the end ([`BlobWriter::name`]): the sha256 of the same bytes,
+    /// computed where they were made (a squash's layer, hashed for its diff_id), so they are not
+    /// hashed twice.
+    Named(Option<Digest>),
 }
 
 /// A blob being written. `io::Write`, so the blocking conversion thread writes into it directly; an
@@ -119,15 +123,32 @@ impl BlobWriter {
         pins: Arc<Pins>,
         expected: Option<(Digest, u64)>,
     ) -> Result<BlobWriter, StoreError> {
-        let upload = backend
-            .upload()
-            .map_err(StoreError::io("starting an upload"))?;
         let check = match expected {
             Some((digest, size)) => {
                 Check::Expected(Box::new(Verifier::new(digest.clone(), size)), digest)
             }
             None => Check::Computed(Sha256::new()),
         };
+        BlobWriter::with_check(backend, pins, check)
+    }
+
+    /// A writer whose digest its caller names before [`BlobWriter::finish`], having hashed the same
+    /// bytes as they were made.
+    pub(super) fn named(
+        backend: Arc<dyn Backend>,
+        pins: Arc<Pins>,
+    ) -> Result<BlobWriter, StoreError> {
+        BlobWriter::with_check(backend, pins, Check::Named(None))
+    }
+
+    fn with_check(
+        backend: Arc<dyn Backend>,
+        pins: Arc<Pins>,
+        check: Check,
+    ) -> Result<BlobWriter, StoreError> {
+        let upload = backend
+            .upload()
+            .map_err(StoreError::io("starting an upload"))?;
         Ok(BlobWriter {
             upload,
             check,
@@ -135,6 +156,13 @@ impl BlobWriter {
             backend,
             pins,
         })
+    }
+
+    /// The digest of what a [`BlobWriter::named`] writer was given; ignored by the others.
+    pub fn name(&mut self, digest: Digest) {
+        if let Check::Named(name) = &mut self.check {
+            *name = Some(digest);
+        }
     }
 
     /// Verifies the bytes and publishes them under their digest (a cheap success if that blob exists).
@@ -146,6 +174,12 @@ impl BlobWriter {
             }
             Check::Computed(hasher) => {
                 Digest::parse(&format!("sha256:{}", hex::encode(hasher.finalize())))?
+            }
+            Check::Named(Some(digest)) => digest,
+            Check::Named(None) => {
+                return Err(StoreError::io("publishing a blob")(io::Error::other(
+                    "the writer of a named blob was not given its digest",
+                )))
             }
         };
         let key = blob_key(&digest);
@@ -175,6 +209,7 @@ impl Write for BlobWriter {
                 .update(&buf[..n])
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?,
             Check::Computed(h) => h.update(&buf[..n]),
+            Check::Named(_) => {}
         }
         self.size += n as u64;
         Ok(n)

@@ -216,6 +216,13 @@ impl Store {
         BlobWriter::new(self.backend.clone(), self.pins.clone(), expected)
     }
 
+    /// A writer for bytes whose sha256 the caller computes as it makes them and gives with
+    /// [`BlobWriter::name`] before finishing: they are not hashed again. The name is trusted, so
+    /// it must be the digest of exactly the bytes written.
+    pub fn named_blob_writer(&self) -> Result<BlobWriter, StoreError> {
+        BlobWriter::named(self.backend.clone(), self.pins.clone())
+    }
+
     /// Stores a small blob held in memory (manifests, configs).
     pub fn put_blob(&self, bytes: &[u8]) -> Result<Published, StoreError> {
         let mut w = self.blob_writer(None)?;

@@ -92,6 +92,34 @@ fn publish_read_range_stat() {
 }
 
 #[test]
+fn runs_of_zeros_are_stored_as_holes_and_read_back_as_zeros() {
+    use std::os::unix::fs::MetadataExt;
+    let (dir, store) = store();
+    let zeros = vec![0u8; 4 << 20];
+    // Zeros in the middle, a write of zeros too short to skip, and zeros at the end (the length
+    // must still count them).
+    let parts: [&[u8]; 5] = [b"head", &zeros, &[0; 100], b"tail", &zeros];
+    let data = parts.concat();
+    let mut w = store.blob_writer(None).unwrap();
+    for part in parts {
+        w.write_all(part).unwrap();
+    }
+    let p = w.finish().unwrap();
+    assert_eq!(
+        (p.digest.clone(), p.size),
+        (Digest::of(&data), data.len() as u64)
+    );
+    assert_eq!(read_all(&store, &p.digest, None), data);
+    let meta = std::fs::metadata(dir.path().join(blob_key(&p.digest))).unwrap();
+    assert_eq!(meta.len(), data.len() as u64);
+    assert!(
+        meta.blocks() * 512 < 1 << 20,
+        "{} bytes allocated for 8 MiB of zeros",
+        meta.blocks() * 512
+    );
+}
+
+#[test]
 fn digest_or_size_mismatch_leaves_nothing() {
     let (dir, store) = store();
     let cases = [

@@ -557,3 +557,61 @@ pub fn header_value(headers: &str, name: &str) -> Option<String> {
             .then(|| v.trim().to_string())
     })
 }
+
+/// The files of the blobs a tarball with these bytes is stored as in the store at `store` (its
+/// parts, in order, as its descriptor names them, whether or not each file is still there); empty
+/// when no descriptor names such parts.
+pub fn stored_parts(store: &Path, bytes: &[u8]) -> Vec<PathBuf> {
+    let blobs = store.join("blobs/sha256");
+    let Ok(dir) = std::fs::read_dir(&blobs) else {
+        return Vec::new();
+    };
+    for entry in dir {
+        let path = entry.unwrap().path();
+        if std::fs::metadata(&path).map_or(true, |m| m.len() > 64 << 10) {
+            continue;
+        }
+        let Ok(doc) =
+            serde_json::from_slice::<serde_json::Value>(&std::fs::read(&path).unwrap_or_default())
+        else {
+            continue;
+        };
+        if doc["mediaType"] != "application/vnd.strata.tarball.v1+json" {
+            continue;
+        }
+        let mut offset = 0usize;
+        let mut parts = Vec::new();
+        for part in doc["layers"].as_array().unwrap() {
+            let size = part["size"].as_u64().unwrap() as usize;
+            let digest = part["digest"].as_str().unwrap();
+            let Some(piece) = bytes.get(offset..offset + size) else {
+                break;
+            };
+            if format!("sha256:{}", hex::encode(Sha256::digest(piece))) != digest {
+                break;
+            }
+            parts.push(blobs.join(&digest["sha256:".len()..]));
+            offset += size;
+        }
+        if offset == bytes.len() && parts.len() == doc["layers"].as_array().unwrap().len() {
+            return parts;
+        }
+    }
+    Vec::new()
+}
+
+/// Whether a tarball with these bytes is stored whole in the store at `store`, waiting up to 10 s
+/// for it to be (it is published once its last byte has been sent).
+pub fn stored_whole(store: &Path, bytes: &[u8]) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let parts = stored_parts(store, bytes);
+        if !parts.is_empty() && parts.iter().all(|p| p.exists()) {
+            return true;
+        }
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

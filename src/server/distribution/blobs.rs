@@ -140,7 +140,8 @@ pub(super) async fn blob(
     let body = if req.method() == Method::HEAD {
         empty()
     } else {
-        let chunks = crate::convert::stream_blob(reader, None);
+        let len = reader.range.end - reader.range.start;
+        let chunks = crate::convert::stream_blob(reader, len, None);
         BodyExt::boxed_unsync(StreamBody::new(futures::StreamExt::map(chunks, |c| {
             c.map(Frame::data)
         })))
