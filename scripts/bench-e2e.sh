@@ -25,6 +25,8 @@ cargo build --release --bin strata --example bench_image
 scratch_work strata-bench
 now() { date +%s.%N; }
 secs() { python3 -c "print(f'{$2 - $1:.3f}')"; }
+median() { python3 -c 'import sys, statistics; print(f"{statistics.median(map(float, sys.argv[1:])):.3f}")' "$@"; }
+rounds=${ROUNDS:-3}
 
 start_registry "$work/registry"
 pids+=("$registry_pid")
@@ -62,42 +64,60 @@ measure() {
     compressed=$((compressed + $(stat -c %s "$layout/blobs/sha256/$b")))
     uncompressed=$((uncompressed + $(pigz -dc "$layout/blobs/sha256/$b" | wc -c)))
   done
-  # Reference: pigz -dc over the same blobs, one after the other, as the squash reads them.
-  sync
-  t0=$(now)
-  for b in "${blobs[@]}"; do pigz -dc "$layout/blobs/sha256/$b" >/dev/null; done
-  t1=$(now)
-  pigz_s=$(secs "$t0" "$t1")
   # The top layer alone: what a first byte could have to wait for, were it read first.
+  sync
   t0=$(now)
   pigz -dc "$layout/blobs/sha256/${blobs[-1]}" >/dev/null
   t1=$(now)
   top_s=$(secs "$t0" "$t1")
-  rate() { python3 -c "import sys;u,p,t,n=map(float,sys.argv[1:]);print(f'{u*n/t/1e6:.0f} | {(u*n/t)/(u/p):.2f}x')" "$uncompressed" "$pigz_s" "$1" "$2"; }
-
-  local t ttfb bytes code fail size
-  rm -rf "$work/cache"
-  start_server
-  read -r t ttfb bytes code fail <<<"$(one "$image")"
-  if [ "$fail$code" = 1200 ]; then
-    # Aborted after the first byte: the bound was outgrown (logged), as a gzip trailer past 4 GiB
-    # can make it; the image is merged with summaries and sized exactly from now on.
-    grep -q "outgrew the bound" "$work/strata.log" || { cat "$work/strata.log"; exit 1; }
-    row "$name" "cold: first request aborted after $bytes bytes (bound outgrown)" "- | -" "${ttfb}s" "$(hwm)" 1
+  # The reference, pigz -dc over the same blobs one after the other as the squash reads them, is
+  # alternated with the conversions: pigz, cold, pigz, warm, each round; medians are reported.
+  pigz_once() {
+    local t0 t1 b
+    t0=$(now)
+    for b in "${blobs[@]}"; do pigz -dc "$layout/blobs/sha256/$b" >/dev/null; done
+    t1=$(now)
+    secs "$t0" "$t1"
+  }
+  local t ttfb bytes code fail size r
+  local pigz_runs=() cold_t=() cold_f=() warm_t=() warm_f=() aborted=0 abort_bytes=0 abort_f=()
+  for r in $(seq 1 "$rounds"); do
+    pigz_runs+=("$(pigz_once)")
+    rm -rf "$work/cache"
+    start_server
     read -r t ttfb bytes code fail <<<"$(one "$image")"
-    [ "$fail$code" = 0200 ] || { cat "$work/strata.log"; echo "$name: cold retry failed"; exit 1; }
-    row "$name" "cold retry (summaries first, sized exactly)" "$(rate "$t" 1)" "${ttfb}s" "$(hwm)" 0
-  else
+    if [ "$fail$code" = 1200 ]; then
+      # Aborted after the first byte: the bound was outgrown (logged), as a gzip trailer past 4 GiB
+      # can make it; the image is merged with summaries and sized exactly from now on.
+      grep -q "outgrew the bound" "$work/strata.log" || { cat "$work/strata.log"; exit 1; }
+      aborted=$((aborted + 1))
+      abort_bytes=$bytes
+      abort_f+=("$ttfb")
+      read -r t ttfb bytes code fail <<<"$(one "$image")"
+    fi
     [ "$fail$code" = 0200 ] || { cat "$work/strata.log"; echo "$name: cold squash failed"; exit 1; }
-    row "$name" "cold (nothing remembered)" "$(rate "$t" 1)" "${ttfb}s" "$(hwm)" 0
+    cold_t+=("$t")
+    cold_f+=("$ttfb")
+    size=$bytes
+    pigz_runs+=("$(pigz_once)")
+    # Warm: a conversion again, its size remembered; another `?tag=` each time, so the stored copy
+    # of the cold run (another repository tag in its manifest.json) is not what answers.
+    start_server
+    read -r t ttfb bytes code fail <<<"$(one "$image?tag=bench/$name:warm$r")"
+    [ "$fail$code" = 0200 ] || { echo "$name: warm squash failed"; exit 1; }
+    warm_t+=("$t")
+    warm_f+=("$ttfb")
+  done
+  pigz_s=$(median "${pigz_runs[@]}")
+  rate() { python3 -c "import sys;u,p,t,n=map(float,sys.argv[1:]);print(f'{u*n/t/1e6:.0f} | {(u*n/t)/(u/p):.2f}x')" "$uncompressed" "$pigz_s" "$1" "$2"; }
+  if [ "$aborted" -gt 0 ]; then
+    row "$name" "cold: first request aborted after $abort_bytes bytes (bound outgrown), $aborted of $rounds rounds" "- | -" "$(median "${abort_f[@]}")s" "-" "$aborted"
+    row "$name" "cold retry (summaries first, sized exactly)" "$(rate "$(median "${cold_t[@]}")" 1)" "$(median "${cold_f[@]}")s" "$(hwm)" 0
+  else
+    row "$name" "cold (nothing remembered)" "$(rate "$(median "${cold_t[@]}")" 1)" "$(median "${cold_f[@]}")s" "-" 0
   fi
-  size=$bytes
-  # Warm: a conversion again, its size remembered; another `?tag=` each time, so the stored copy of
-  # the cold run (another repository tag in its manifest.json) is not what answers.
-  start_server
-  read -r t ttfb bytes code fail <<<"$(one "$image?tag=bench/$name:warm")"
-  [ "$fail$code" = 0200 ] || { echo "$name: warm squash failed"; exit 1; }
-  row "$name" "warm (size remembered, converted again)" "$(rate "$t" 1)" "${ttfb}s" "$(hwm)" 0
+  row "$name" "warm (size remembered, converted again)" "$(rate "$(median "${warm_t[@]}")" 1)" "$(median "${warm_f[@]}")s" "$(hwm)" 0
+  rounds_note="cold ${cold_t[*]} s, warm ${warm_t[*]} s, pigz ${pigz_runs[*]} s"
   start_server
   read -r t ttfb bytes code fail <<<"$(one "$image")"
   [ "$fail$code" = 0200 ] && [ "$bytes" = "$size" ] || { echo "$name: repeat failed"; exit 1; }
@@ -118,7 +138,7 @@ measure() {
     wall=$(secs "$t0" "$t1")
     row "$name" "$n concurrent clients, warm (aggregate)" "$(rate "$wall" "$n")" "-" "$(hwm)" "$failures"
   done
-  notes+=("- $name: ${#blobs[@]} gzip layers, $compressed bytes compressed, $uncompressed uncompressed, squashed output $size bytes; pigz -dc ${pigz_s}s = $(python3 -c "print(f'{$uncompressed/$pigz_s/1e6:.0f}')") MB/s; the top layer alone ${top_s}s.")
+  notes+=("- $name: ${#blobs[@]} gzip layers, $compressed bytes compressed, $uncompressed uncompressed, squashed output $size bytes; pigz -dc ${pigz_s}s (median) = $(python3 -c "print(f'{$uncompressed/$pigz_s/1e6:.0f}')") MB/s; the top layer alone ${top_s}s; per round: $rounds_note.")
 }
 
 for img in "${images[@]}"; do
