@@ -151,16 +151,16 @@ impl Backend for FsBackend {
         key: &str,
         range: Option<Range<u64>>,
     ) -> io::Result<Option<Box<dyn Read + Send>>> {
-        let Some(mut file) = not_found_as_none(File::open(self.path(key)))? else {
+        let Some(file) = not_found_as_none(File::open(self.path(key)))? else {
             return Ok(None);
         };
-        Ok(Some(match range {
-            None => Box::new(file),
-            Some(r) => {
-                file.seek(SeekFrom::Start(r.start))?;
-                Box::new(file.take(r.end.saturating_sub(r.start)))
-            }
-        }))
+        let range = match range {
+            Some(r) => r,
+            None => 0..file.metadata()?.len(),
+        };
+        Ok(Some(Box::new(super::sparse::SparseReader::new(
+            file, range,
+        ))))
     }
 
     fn stat(&self, key: &str) -> io::Result<Option<Meta>> {

@@ -52,6 +52,7 @@ pub mod key;
 pub mod names;
 pub mod repo;
 pub mod s3;
+mod sparse;
 
 use std::io;
 use std::ops::Range;
