@@ -10,8 +10,10 @@ ARG RUNTIME_BASE=debian:bookworm-slim
 ARG BIN_IMAGE=build
 
 FROM rust:1-bookworm AS build
-# nasm for ISA-L's inflate (isal-sys builds it from source; the image has autotools already).
-RUN apt-get update && apt-get install -y --no-install-recommends nasm && rm -rf /var/lib/apt/lists/*
+# ISA-L's inflate is built from source by isal-sys: nasm and the autotools.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends nasm autoconf automake libtool \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
 # The release profile keeps line tables for perf (debug = 1): 120 MB a binary, which an image does

@@ -1,6 +1,6 @@
 //! Inflating a gzip layer, the step a conversion spends most of its time on: strata's decoder
 //! (ISA-L with the default `isal` feature) against flate2's `MultiGzDecoder` on zlib-rs, over the
-//! same blob, read the way the merger reads it (through a 256 KiB buffer).
+//! same blob, its input through the merger's 256 KiB buffer, read in large and in 512-byte reads.
 
 use std::hint::black_box;
 use std::io::{self, Read, Write};
@@ -44,8 +44,10 @@ fn content() -> Vec<u8> {
     out
 }
 
-fn drain(mut r: impl Read) -> u64 {
-    let mut buf = vec![0u8; 64 << 10];
+/// Reads `r` to its end `read` bytes at a time: 64 KiB as a large file's content is read, 512 as
+/// the tar reader reads headers and the smallest files.
+fn drain(mut r: impl Read, read: usize) -> u64 {
+    let mut buf = vec![0u8; read];
     let mut n = 0;
     loop {
         match r.read(&mut buf).unwrap() {
@@ -60,7 +62,7 @@ fn inflate(c: &mut Criterion) {
     let (blob, size) = match std::env::var_os("STRATA_INFLATE_BLOB") {
         Some(path) => {
             let blob = std::fs::read(path).unwrap();
-            let size = drain(flate2::read::MultiGzDecoder::new(&blob[..]));
+            let size = drain(flate2::read::MultiGzDecoder::new(&blob[..]), 64 << 10);
             (blob, size)
         }
         None => {
@@ -73,18 +75,26 @@ fn inflate(c: &mut Criterion) {
     let mut group = c.benchmark_group("inflate");
     group.sample_size(10);
     group.throughput(Throughput::Bytes(size));
-    group.bench_function(BenchmarkId::new("strata", size), |b| {
-        b.iter(|| {
-            let input = io::BufReader::with_capacity(256 << 10, &blob[..]);
-            black_box(drain(decompress(Compression::Gzip, input)))
-        })
-    });
-    group.bench_function(BenchmarkId::new("flate2-zlib-rs", size), |b| {
-        b.iter(|| {
-            let input = io::BufReader::with_capacity(256 << 10, &blob[..]);
-            black_box(drain(flate2::bufread::MultiGzDecoder::new(input)))
-        })
-    });
+    for read in [64 << 10, 512] {
+        group.bench_function(
+            BenchmarkId::new(format!("strata/{read}B-reads"), size),
+            |b| {
+                b.iter(|| {
+                    let input = io::BufReader::with_capacity(256 << 10, &blob[..]);
+                    black_box(drain(decompress(Compression::Gzip, input), read))
+                })
+            },
+        );
+        group.bench_function(
+            BenchmarkId::new(format!("flate2-zlib-rs/{read}B-reads"), size),
+            |b| {
+                b.iter(|| {
+                    let input = io::BufReader::with_capacity(256 << 10, &blob[..]);
+                    black_box(drain(flate2::bufread::MultiGzDecoder::new(input), read))
+                })
+            },
+        );
+    }
     group.finish();
 }
 

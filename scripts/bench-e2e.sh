@@ -79,7 +79,7 @@ measure() {
     t1=$(now)
     secs "$t0" "$t1"
   }
-  local t ttfb bytes code fail size r
+  local t ttfb bytes code fail size r r_rss
   local pigz_runs=() cold_t=() cold_f=() cold_rss=0 warm_t=() warm_f=() aborted=0 abort_bytes=0 abort_f=()
   for r in $(seq 1 "$rounds"); do
     pigz_runs+=("$(pigz_once)")
@@ -99,7 +99,8 @@ measure() {
     cold_t+=("$t")
     cold_f+=("$ttfb")
     # Each cold round has a server of its own: its peak is that conversion's (the largest is kept).
-    cold_rss=$(( $(hwm) > cold_rss ? $(hwm) : cold_rss ))
+    r_rss=$(hwm)
+    cold_rss=$((r_rss > cold_rss ? r_rss : cold_rss))
     size=$bytes
     pigz_runs+=("$(pigz_once)")
     # Warm: a conversion again, its size remembered; another `?tag=` each time, so the stored copy

@@ -20,8 +20,8 @@ pub struct Gunzip<R> {
     state: Box<isal::inflate_state>,
     /// A member's header has been started and its trailer not yet checked.
     in_member: bool,
-    /// Members begun so far: an input with none is not a gzip stream.
-    members: u64,
+    /// A member has been begun: an input with none is not a gzip stream.
+    begun: bool,
 }
 
 // SAFETY: the state's raw pointers point into buffers lent for one `isal_inflate` call only; between
@@ -38,7 +38,7 @@ impl<R: BufRead> Gunzip<R> {
             input,
             state,
             in_member: false,
-            members: 0,
+            begun: false,
         }
     }
 
@@ -47,7 +47,7 @@ impl<R: BufRead> Gunzip<R> {
         unsafe { isal::isal_inflate_reset(&mut *self.state) };
         self.state.crc_flag = isal::ISAL_GZIP;
         self.in_member = true;
-        self.members += 1;
+        self.begun = true;
     }
 }
 
@@ -79,13 +79,13 @@ impl<R: BufRead> Read for Gunzip<R> {
             let available = self.input.fill_buf()?;
             if !self.in_member {
                 if available.is_empty() {
-                    return match self.members {
-                        0 => Err(io::Error::new(
+                    if !self.begun {
+                        return Err(io::Error::new(
                             io::ErrorKind::UnexpectedEof,
                             "empty gzip stream",
-                        )),
-                        _ => Ok(0),
-                    };
+                        ));
+                    }
+                    return Ok(0);
                 }
                 self.start_member();
                 continue;

@@ -126,5 +126,14 @@ mod tests {
             }
             assert!(got == want[range.clone()], "range {range:?}");
         }
+        // And the hole is found as one, not read (a file system that cannot tell fails here).
+        let mut r = SparseReader::new(file, 150_000..want.len() as u64);
+        r.locate();
+        assert!(
+            r.in_hole && r.region_end >= 1_196_032,
+            "{} {}",
+            r.in_hole,
+            r.region_end
+        );
     }
 }
